@@ -1,0 +1,3 @@
+from distmerge.cli import main
+
+raise SystemExit(main())

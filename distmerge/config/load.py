@@ -1,0 +1,268 @@
+"""YAML + key=value overrides → one frozen, validated `MergeConfig`.
+
+OmegaConf does the loading, interpolation and dotlist overrides (torchtune's way); the checks are
+ours, so that every problem is collected and reported at once with its key path and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distmerge.config import schema
+from distmerge.config.schema import AdapterSpec, MergeConfig, MergeSpec, OutputSpec, RuntimeSpec
+from distmerge.config.units import parse_size
+from distmerge.errors import ConfigError
+
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig, MergeConfig]
+
+
+def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeConfig:
+    """Build the config from a YAML path, a dict or a DictConfig, with `key=value` overrides on top."""
+    overrides = list(overrides)
+    if isinstance(source, MergeConfig):
+        if not overrides:
+            return source
+        source = dataclasses.asdict(source)
+    raw, problems = _raw_container(source, overrides)
+    if problems:
+        raise ConfigError(problems)
+    return validate(raw)
+
+
+def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, list[str]]:
+    problems: list[str] = []
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                return {}, [f"config file {str(path)!r} does not exist; pass the path of a YAML file "
+                            f"such as configs/quickstart.yaml"]
+            cfg = OmegaConf.load(path)
+        elif isinstance(source, DictConfig):
+            cfg = source.copy()
+        elif isinstance(source, Mapping):
+            cfg = OmegaConf.create(dict(source))
+        else:
+            return {}, [f"config must be a YAML path, a dict or a DictConfig, got {type(source).__name__}"]
+    except (OmegaConfBaseException, yaml.YAMLError, OSError) as e:
+        return {}, [f"cannot read config {source!s}: {_first_line(e)}"]
+    if not isinstance(cfg, DictConfig):
+        return {}, ["the config's top level must be a mapping with adapters, merge, output and runtime"]
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not key=value; write for example merge.density=0.5")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+            OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, IndexError, KeyError) as e:
+            problems.append(f"override {item!r} cannot be applied: {_first_line(e)}")
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        problems.append(f"interpolation failed: {_first_line(e)}")
+        raw = {}
+    return raw, problems
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def validate(raw: Mapping[str, Any]) -> MergeConfig:
+    """Check everything, collect every problem, then build the frozen config."""
+    p: list[str] = []
+    sections = _check_keys(raw, MergeConfig, "", p)
+    adapters = _adapters(raw.get("adapters"), p)
+    merge = _build(MergeSpec, sections.get("merge"), "merge", p)
+    output = _build(OutputSpec, sections.get("output"), "output", p)
+    runtime = _build(RuntimeSpec, sections.get("runtime"), "runtime", p)
+    if merge is not None:
+        _check_merge(merge, p)
+    if output is not None:
+        output = _check_output(output, p)
+    if runtime is not None:
+        _check_runtime(runtime, p)
+    if p:
+        raise ConfigError(p)
+    return MergeConfig(adapters=tuple(adapters), merge=merge, output=output, runtime=runtime)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(raw: Any, cls: type, where: str, p: list[str]) -> dict:
+    prefix = f"{where}." if where else ""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        p.append(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        return {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            p.append(f"{prefix}{key}: unknown key{_suggest(key, names)} (valid keys: {', '.join(names)})")
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def _expected(tp: Any) -> tuple[tuple[type, ...], bool]:
+    """Python types a field accepts, and whether null is allowed."""
+    optional = False
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        tp = args[0]
+    if tp is float:
+        return (int, float), optional
+    return (tp,), optional
+
+
+def _build(cls: type, raw: Any, where: str, p: list[str]):
+    values = _check_keys(raw, cls, where, p)
+    hints = typing.get_type_hints(cls)
+    ok = True
+    for name, value in values.items():
+        types, optional = _expected(hints[name])
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) and bool not in types:
+            bad = True
+        else:
+            bad = not isinstance(value, types)
+        if bad:
+            want = " or ".join(t.__name__ for t in types) + (" or null" if optional else "")
+            p.append(f"{where}.{name}: expected {want}, got {value!r}")
+            ok = False
+    if not ok:
+        return None
+    values = {k: (float(v) if hints[k] in (float, typing.Optional[float]) and v is not None else v)
+              for k, v in values.items()}
+    return cls(**values)
+
+
+def _adapters(raw: Any, p: list[str]) -> list[AdapterSpec]:
+    if not raw:
+        p.append("adapters: at least one adapter is needed, e.g. adapters: [{path: ./adapters/sql, weight: 1.0}]")
+        return []
+    if not isinstance(raw, list):
+        p.append(f"adapters: expected a list of {{path, weight}}, got {type(raw).__name__}")
+        return []
+    specs: list[AdapterSpec] = []
+    for i, item in enumerate(raw):
+        where = f"adapters[{i}]"
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, Mapping) or "path" not in item:
+            p.append(f"{where}: expected a mapping with a path, e.g. {{path: ./adapters/sql, weight: 0.5}}")
+            continue
+        spec = _build(AdapterSpec, item, where, p)
+        if spec is None:
+            continue
+        path = Path(spec.path).expanduser()
+        if not path.is_dir():
+            p.append(f"{where}.path: adapter directory {spec.path!r} does not exist; "
+                     f"point it at a directory holding adapter_config.json")
+        elif not (path / "adapter_config.json").is_file():
+            p.append(f"{where}.path: {spec.path!r} has no adapter_config.json; "
+                     f"is it a PEFT adapter saved with save_pretrained?")
+        if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
+            p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
+        specs.append(dataclasses.replace(spec, path=str(path.resolve())))
+    _name_adapters(specs, p)
+    return [s for s in specs]
+
+
+def _name_adapters(specs: list[AdapterSpec], p: list[str]) -> None:
+    """Give each adapter a unique display name; explicit duplicates are an error."""
+    explicit = [s.name for s in specs if s.name]
+    for name in {n for n in explicit if explicit.count(n) > 1}:
+        p.append(f"adapters: name {name!r} is used twice; names must be unique")
+    taken = set(explicit)
+    for i, s in enumerate(specs):
+        if s.name:
+            continue
+        base = Path(s.path).name or f"adapter{i}"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        specs[i] = dataclasses.replace(s, name=name)
+
+
+def _check_merge(m: MergeSpec, p: list[str]) -> None:
+    from distmerge.methods import registry
+
+    method = registry.find(m.method)
+    if method is None:
+        p.append(f"merge.method: unknown method {m.method!r}{_suggest(m.method, registry.names())} "
+                 f"(one of: {', '.join(registry.names())})")
+    elif "density" in method.params and m.density is None:
+        p.append(f"merge.density: method {m.method!r} prunes and needs a density in (0, 1], e.g. merge.density=0.5")
+    if m.density is not None and not (0 < m.density <= 1):
+        p.append(f"merge.density: must be in (0, 1], got {m.density}; it is the fraction of values kept")
+    if m.majority_sign_method not in schema.SIGN_METHODS:
+        p.append(f"merge.majority_sign_method: expected one of {', '.join(schema.SIGN_METHODS)}, "
+                 f"got {m.majority_sign_method!r}{_suggest(m.majority_sign_method, schema.SIGN_METHODS)}")
+    if m.svd_rank is not None and m.svd_rank < 1:
+        p.append(f"merge.svd_rank: must be a positive rank or null (the largest input rank), got {m.svd_rank}")
+    if m.svd_clamp is not None and not (0 < m.svd_clamp <= 1):
+        p.append(f"merge.svd_clamp: a quantile in (0, 1] or null, got {m.svd_clamp}")
+    if m.svd_algorithm not in schema.SVD_ALGORITHMS:
+        p.append(f"merge.svd_algorithm: expected one of {', '.join(schema.SVD_ALGORITHMS)}, "
+                 f"got {m.svd_algorithm!r}{_suggest(m.svd_algorithm, schema.SVD_ALGORITHMS)}")
+    if m.svd_oversample < 0:
+        p.append(f"merge.svd_oversample: must be >= 0, got {m.svd_oversample}")
+    if m.svd_niter < 0:
+        p.append(f"merge.svd_niter: must be >= 0, got {m.svd_niter}")
+
+
+def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
+    if not o.path:
+        p.append("output.path: must name the directory to create, e.g. ./merged")
+        return o
+    if o.dtype is not None and o.dtype not in schema.DTYPES:
+        p.append(f"output.dtype: expected one of {', '.join(schema.DTYPES)} or null, "
+                 f"got {o.dtype!r}{_suggest(o.dtype, schema.DTYPES)}")
+    try:
+        parse_size(o.shard_size)
+    except ValueError as e:
+        p.append(f"output.shard_size: {e}")
+    path = Path(o.path).expanduser().resolve()
+    if path.exists() and not o.overwrite:
+        p.append(f"output.path: {o.path!r} already exists; choose a new path or set output.overwrite=true")
+    return dataclasses.replace(o, path=str(path), shard_size=str(o.shard_size))
+
+
+def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:
+    for key, value, choices in (("executor", r.executor, schema.EXECUTORS), ("device", r.device, schema.DEVICES)):
+        if value not in choices:
+            p.append(f"runtime.{key}: expected one of {', '.join(choices)}, got {value!r}{_suggest(value, choices)}")
+    if r.num_workers is not None and r.num_workers < 1:
+        p.append(f"runtime.num_workers: must be >= 1 or null, got {r.num_workers}")
+    if r.gpus_per_worker is not None and r.gpus_per_worker < 0:
+        p.append(f"runtime.gpus_per_worker: must be >= 0 or null, got {r.gpus_per_worker}")
+    if r.cpus_per_worker <= 0:
+        p.append(f"runtime.cpus_per_worker: must be > 0, got {r.cpus_per_worker}")
+    if r.gpu_wait_s < 0:
+        p.append(f"runtime.gpu_wait_s: must be >= 0, got {r.gpu_wait_s}")
+    if r.task_timeout_s is not None and r.task_timeout_s <= 0:
+        p.append(f"runtime.task_timeout_s: must be > 0 or null (no timeout), got {r.task_timeout_s}")
+    if r.max_retries < 0:
+        p.append(f"runtime.max_retries: must be >= 0, got {r.max_retries}")

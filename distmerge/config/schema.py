@@ -1,0 +1,74 @@
+"""The config's shape: frozen dataclasses, one per YAML section.
+
+The field names here are a public contract (`distmerge merge CONFIG key=value`): held-out configs
+drive them. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    path: str
+    weight: float = 1.0
+    name: Optional[str] = None  # default: the directory's name
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    method: str = "linear"
+    density: Optional[float] = None
+    majority_sign_method: str = "total"
+    svd_rank: Optional[int] = None
+    svd_clamp: Optional[float] = None
+    svd_algorithm: str = "exact"
+    svd_oversample: int = 8
+    svd_niter: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str = "./merged"
+    dtype: Optional[str] = None
+    shard_size: str = "2GB"
+    consolidate: bool = True
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    executor: str = "auto"
+    address: Optional[str] = None
+    num_workers: Optional[int] = None
+    gpus_per_worker: Optional[float] = None
+    cpus_per_worker: float = 1
+    device: str = "auto"
+    gpu_wait_s: float = 0.0
+    task_timeout_s: Optional[float] = 3600.0
+    max_retries: int = 3
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    adapters: tuple[AdapterSpec, ...] = ()
+    merge: MergeSpec = field(default_factory=MergeSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    @property
+    def shard_size_bytes(self) -> int:
+        from distmerge.config.units import parse_size
+
+        return parse_size(self.output.shard_size)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+EXECUTORS = ("local", "ray", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+SIGN_METHODS = ("total", "frequency")
+SVD_ALGORITHMS = ("exact", "randomized")

@@ -1,0 +1,64 @@
+"""What a merge method is: a named, pure function of one module's factors."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from distmerge.config.schema import MergeSpec
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One adapter's LoRA on one module, as 2-D float32 factors: Δᵢ = scaling · b @ a."""
+
+    a: torch.Tensor  # (r, n)
+    b: torch.Tensor  # (m, r)
+    scaling: float
+    weight: float
+    adapter: int  # the adapter's index in the config: part of every DARE seed
+
+
+@dataclass
+class Merged:
+    a: torch.Tensor  # (rank, n)
+    b: torch.Tensor  # (m, rank)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModuleContext:
+    """Everything a method needs besides the tensors."""
+
+    module: str  # the module's saved name: seeds derive from it, never from execution order
+    spec: MergeSpec
+    rank: int  # the output rank the planner fixed for this module
+    device: torch.device = torch.device("cpu")
+
+    def generator(self, tensor: str, adapter: int) -> torch.Generator:
+        """A CPU generator seeded by (merge.seed, tensor name, adapter index)."""
+        key = f"{self.spec.seed}\x00{tensor}\x00{adapter}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+
+# Output-rank rules (PEFT's _check_add_weighted_adapter), by name so the planner can ask without tensors.
+RANK_SAME, RANK_SUM, RANK_SVD = "same", "sum", "svd"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    summary: str
+    params: tuple[str, ...]  # the merge.* keys it reads
+    rank_rule: str  # RANK_SAME | RANK_SUM | RANK_SVD
+    fn: Callable[[Sequence[Factors], ModuleContext], Merged]
+    # flops(m, n, ranks, out_rank, spec): the planner's cost model, to balance shards
+    flops: Callable[[int, int, Sequence[int], int, MergeSpec], float]
+    dense: bool = False  # builds one module's dense deltas (memory estimate)
+
+    def __call__(self, inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
+        return self.fn(inputs, ctx)

@@ -1,0 +1,41 @@
+"""distmerge.json: what was merged, from what, by whom, how long it took, and what came out."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import platform
+from typing import Sequence
+
+import safetensors
+import torch
+
+from distmerge.config.schema import MergeConfig
+from distmerge.plan import Plan, ShardTask
+from distmerge.shard import ShardResult
+
+MANIFEST = "distmerge.json"
+
+
+def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], results: Sequence[ShardResult],
+                   inputs: list[dict], outputs: list[dict], executor: str, seconds: dict[str, float]) -> dict:
+    from distmerge import __version__
+
+    modules = {m: dict(s) for r in results for m, s in r.stats}
+    return {
+        "distmerge_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "method": {"requested": plan.requested_method, "used": plan.method, "rank": plan.rank,
+                   "output_dtype": plan.out_dtype},
+        "executor": executor,
+        "seconds": seconds,
+        "inputs": inputs,
+        "outputs": outputs,
+        "modules": dict(sorted(modules.items())),
+        "shards": [{"index": t.index, "modules": len(t.modules), "passthrough": len(t.passthrough),
+                    "in_bytes": t.in_bytes, "out_bytes": t.out_bytes, "seconds": round(r.seconds, 4),
+                    "worker": dict(r.worker)} for t, r in zip(tasks, results)],
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "safetensors": safetensors.__version__},
+    }

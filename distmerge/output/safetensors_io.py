@@ -1,0 +1,140 @@
+"""safetensors files written as streams: the header first (every shape is known from the plan),
+then each tensor's bytes as it is produced, so a writer holds one tensor at a time.
+
+`copy_tensors` builds a file from byte ranges of other files without decoding a tensor: it is how
+worker parts become output shards and how shards are consolidated into one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from distmerge.adapters.header import DTYPE_SIZES, TensorInfo
+
+COPY_CHUNK = 16 * 2**20
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+ST_DTYPE = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def _header(specs: Sequence[Spec], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[int, int]]]:
+    offsets, pos, head = [], 0, {}
+    if metadata:
+        head["__metadata__"] = metadata
+    for s in specs:
+        offsets.append((pos, pos + s.nbytes))
+        head[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class StreamWriter:
+    """Write tensors in the order of `specs`; the file appears under `path` only on a clean close."""
+
+    def __init__(self, path: str, specs: Sequence[Spec], metadata: dict[str, str] | None = None):
+        self.path, self.specs = path, list(specs)
+        self._tmp = f"{path}.tmp-{os.getpid()}"
+        self._file = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        head, self._offsets = _header(self.specs, metadata or {"format": "pt"})
+        self._data_start = len(head)
+        self._emit(head)
+        self._next = 0
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def _expect(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        spec = self.specs[self._next]
+        if (name, tuple(shape), dtype) != (spec.name, spec.shape, spec.dtype):
+            raise AssertionError(f"writer expected {spec}, got {name} {tuple(shape)} {dtype}")
+        self._next += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._expect(name, tuple(tensor.shape), ST_DTYPE[tensor.dtype])
+        self._emit(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def copy(self, t: TensorInfo, src) -> None:
+        """Append tensor t's bytes from the open file `src`, in chunks, without decoding."""
+        self._expect(t.name, t.shape, t.dtype)
+        src.seek(t.begin)
+        left = t.nbytes
+        while left:
+            chunk = src.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{t.file} ended early while copying {t.name}")
+            self._emit(chunk)
+            left -= len(chunk)
+
+    def tensors(self) -> list[TensorInfo]:
+        """Where each tensor will lie in the finished file."""
+        start = self._data_start
+        return [TensorInfo(s.name, self.path, s.dtype, s.shape, start + b, start + e)
+                for s, (b, e) in zip(self.specs, self._offsets)]
+
+    def close(self) -> str:
+        """Finish the file (atomically, so a retried shard rewrites it whole) and return its sha256."""
+        if self._next != len(self.specs):
+            raise AssertionError(f"{self.path}: wrote {self._next} of {len(self.specs)} tensors")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def copy_tensors(path: str, tensors: Iterable[TensorInfo], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file from byte ranges of existing files, without decoding; its sha256."""
+    tensors = list(tensors)
+    specs = [Spec(t.name, t.dtype, t.shape) for t in tensors]
+    with StreamWriter(path, specs, metadata) as w:
+        handles: dict[str, object] = {}
+        try:
+            for t in tensors:
+                if t.file not in handles:
+                    handles[t.file] = open(t.file, "rb")
+                w.copy(t, handles[t.file])
+        finally:
+            for h in handles.values():
+                h.close()
+        return w.close()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,104 @@
+"""merge_shard(task): the only place tensors live.
+
+It opens just its tensors, turns each adapter's factors into the method's 2-D inputs, merges one
+module at a time, streams the result into one part file and returns metadata, never tensors.
+Memory is one module's inputs and outputs (plus one module's dense deltas for the pruned SVD
+methods), whatever the shard's size or the number of layers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.adapters.header import TensorInfo
+from distmerge.adapters.reader import TensorReader
+from distmerge.errors import MergeError
+from distmerge.methods import registry
+from distmerge.methods.base import Factors, ModuleContext
+from distmerge.output.safetensors_io import _TORCH_DTYPES, Spec, StreamWriter
+from distmerge.plan import ModuleJob, ShardTask
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    part: str
+    sha256: str
+    tensors: tuple[TensorInfo, ...]
+    stats: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]  # (module, ((stat, value), ...))
+    seconds: float
+    worker: tuple[tuple[str, str], ...]  # host, pid, device
+
+
+def resolve_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise MergeError("runtime.device is cuda but this worker sees no GPU; set runtime.device=auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def task_specs(task: ShardTask) -> list[Spec]:
+    specs = []
+    for j in task.modules:
+        specs += [Spec(j.a_name, task.out_dtype, j.a_shape), Spec(j.b_name, task.out_dtype, j.b_shape)]
+    for p in task.passthrough:
+        info = p.sources[0][1]
+        specs.append(Spec(p.name, info.dtype, info.shape))
+    return specs
+
+
+def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One module: (lora_A, lora_B) in their saved layout and dtype, and the module's stats."""
+    inputs = []
+    for s in job.sources:
+        a = reader.load(s.a, s.adapter_name).to(device)
+        b = reader.load(s.b, s.adapter_name).to(device)
+        inputs.append(Factors(a.reshape(s.rank, -1), b.reshape(b.shape[0], s.rank), s.scaling, s.weight, s.adapter))
+    method = registry.get(task.method)
+    merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device))
+    a, b = merged.a, merged.b
+    if a.shape[0] != job.rank or b.shape[1] != job.rank:
+        raise AssertionError(f"{task.method} returned rank {a.shape[0]}/{b.shape[1]} for {job.module}, "
+                             f"planned {job.rank}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        names = ", ".join(s.adapter_name for s in job.sources)
+        raise MergeError(f"module {job.module!r}: the {task.method} merge of {names} produced NaN/Inf; "
+                         f"check the weights and the inputs' magnitudes")
+    # ‖B·A‖_F without forming B·A: √ sum((BᵀB) ∘ (AAᵀ))
+    norm = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+    dtype = _TORCH_DTYPES[task.out_dtype]
+    a_out = a.reshape(job.a_shape).to(dtype).cpu()
+    b_out = b.reshape(job.b_shape).to(dtype).cpu()
+    return a_out, b_out, {"rank": float(job.rank), "delta_norm": norm, **merged.stats}
+
+
+def merge_shard(task: ShardTask) -> ShardResult:
+    """Merge one shard task and write its part file; returns metadata only."""
+    start = time.perf_counter()
+    device = resolve_device(task.device)
+    path = os.path.join(task.staging, "_parts", task.part_name)
+    stats = []
+    with TensorReader() as reader, StreamWriter(path, task_specs(task)) as writer:
+        for job in task.modules:
+            a, b, s = merge_module(job, task, reader, device)
+            writer.write(job.a_name, a)
+            writer.write(job.b_name, b)
+            stats.append((job.module, tuple(sorted(s.items()))))
+        for p in task.passthrough:
+            tensor = reader.load_raw(p.sources[0][1], p.sources[0][0])
+            for owner, info in p.sources[1:]:
+                if not torch.equal(tensor, reader.load_raw(info, owner)):
+                    raise MergeError(f"tensor {p.name!r} differs between adapters {p.sources[0][0]!r} and "
+                                     f"{owner!r}; a saved base layer must be the same in every adapter")
+            writer.write(p.name, tensor)
+        tensors = tuple(writer.tensors())
+        sha = writer.close()
+    worker = (("host", socket.gethostname()), ("pid", str(os.getpid())), ("device", str(device)))
+    return ShardResult(task.index, path, sha, tensors, tuple(stats), time.perf_counter() - start, worker)
