@@ -79,6 +79,8 @@ def make_adapter(path: Path, base: str, seed: int, dtype: torch.dtype = torch.fl
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
                 else:
                     p.copy_(_distinct_values(p.numel(), gen, dtype).reshape(p.shape).float())
+            elif "modules_to_save" in name:  # a "trained" full module, unlike the base's
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     model.peft_config["default"].base_model_name_or_path = base_name
     if dtype != torch.float32:
         model = model.to(dtype)

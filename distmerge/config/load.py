@@ -33,9 +33,15 @@ def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeCon
             return source
         source = dataclasses.asdict(source)
     raw, problems = _raw_container(source, overrides)
+    if problems and not raw:
+        raise ConfigError(problems)
+    try:
+        cfg = validate(raw)
+    except ConfigError as e:
+        problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return validate(raw)
+    return cfg
 
 
 def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, list[str]]:

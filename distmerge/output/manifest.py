@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import platform
 from typing import Sequence
 
@@ -22,7 +23,7 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
     from distmerge import __version__
 
     modules = {m: dict(s) for r in results for m, s in r.stats}
-    return {
+    manifest = {
         "distmerge_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(cfg),
@@ -39,3 +40,4 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "safetensors": safetensors.__version__},
     }
+    return json.loads(json.dumps(manifest))  # plain JSON types, as a reader of distmerge.json sees them

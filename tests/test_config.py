@@ -1,0 +1,75 @@
+"""Config: every error at once with its key path and a fix; overrides; the frozen result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from distmerge.cli import main
+from distmerge.config import load_config
+from distmerge.errors import ConfigError
+
+
+def _base(adapter_sets, tmp_path) -> dict:
+    aset = adapter_sets("llama")
+    return {"adapters": [{"path": str(p), "weight": w} for p, w in zip(aset.paths, aset.weights)],
+            "merge": {"method": "ties", "density": 0.5}, "output": {"path": str(tmp_path / "out")}}
+
+
+def test_all_errors_reported_at_once(adapter_sets, tmp_path):
+    cfg = _base(adapter_sets, tmp_path)
+    cfg["merge"] = {"methd": "ties", "method": "tie", "density": 1.5, "majority_sign_method": "mean"}
+    cfg["adapters"].append({"path": str(tmp_path / "nope")})
+    cfg["output"]["dtype"] = "fp16"
+    cfg["runtime"] = {"executer": "ray"}
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    problems = e.value.problems
+    text = "\n".join(problems)
+    assert len(problems) == 7, text
+    assert "merge.methd: unknown key; did you mean 'method'?" in text
+    assert "merge.method: unknown method 'tie'; did you mean 'ties'?" in text
+    assert "merge.density: must be in (0, 1], got 1.5" in text
+    assert "merge.majority_sign_method" in text
+    assert "adapters[3].path: adapter directory" in text and "does not exist" in text
+    assert "output.dtype" in text and "'float16'" in text
+    assert "runtime.executer: unknown key; did you mean 'executor'?" in text
+
+
+def test_pruning_method_needs_density(adapter_sets, tmp_path):
+    cfg = _base(adapter_sets, tmp_path)
+    del cfg["merge"]["density"]
+    with pytest.raises(ConfigError, match="merge.density: method 'ties' prunes and needs a density"):
+        load_config(cfg)
+
+
+def test_types_are_checked(adapter_sets, tmp_path):
+    cfg = _base(adapter_sets, tmp_path)
+    cfg["merge"]["svd_rank"] = "big"
+    cfg["adapters"][0]["weight"] = "heavy"
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert {p.split(":")[0] for p in e.value.problems} == {"merge.svd_rank", "adapters[0].weight"}
+
+
+def test_overrides_win_and_config_is_frozen(adapter_sets, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(_base(adapter_sets, tmp_path)))
+    cfg = load_config(str(path), ["merge.method=dare_ties", "merge.density=0.25", "adapters.1.weight=-1",
+                                  "output.shard_size=10MB", "merge.svd_rank=null"])
+    assert (cfg.merge.method, cfg.merge.density, cfg.adapters[1].weight) == ("dare_ties", 0.25, -1.0)
+    assert cfg.shard_size_bytes == 10_000_000
+    assert cfg.adapters[0].name == "a0"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.merge.method = "linear"
+
+
+def test_bad_override_and_missing_file(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("adapters: []\n")
+    assert main(["merge", str(tmp_path / "c.yaml"), "merge.density"]) == 2
+    err = capsys.readouterr().err
+    assert "not key=value" in err and "at least one adapter" in err and "Traceback" not in err
