@@ -51,11 +51,13 @@ def merge(config: ConfigSource, overrides: Iterable[str] = ()) -> MergeResult:
     adapters = open_inputs(cfg)
     the_plan = build_plan(cfg, adapters)  # every cross-adapter check, before any worker starts
     t_plan = time.perf_counter()
-    with make_executor(cfg.runtime) as executor, Staging(cfg.output.path, cfg.output.overwrite) as staging, \
+    # Staging is entered first so that it is removed last: workers are stopped before their directory goes.
+    with Staging(cfg.output.path, cfg.output.overwrite) as staging, make_executor(cfg.runtime) as executor, \
             cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
         input_hashes = {f: hasher.submit(sha256_file, f) for a in adapters for f in a.files}
         tasks = the_plan.shard(default_num_tasks(the_plan, cfg.shard_size_bytes, executor.parallelism),
-                               staging=str(staging.path), device=cfg.runtime.device)
+                               staging=str(staging.path), device=cfg.runtime.device,
+                               threads=max(1, int(cfg.runtime.cpus_per_worker)))
         log.info("merging %d adapters with %s into %s: %d modules in %d shards on %s (%d at a time)",
                  len(adapters), the_plan.method, cfg.output.path, len(the_plan.jobs), len(tasks), executor.name,
                  executor.parallelism)

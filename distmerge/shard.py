@@ -80,7 +80,20 @@ def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: 
 
 
 def merge_shard(task: ShardTask) -> ShardResult:
-    """Merge one shard task and write its part file; returns metadata only."""
+    """Merge one shard task and write its part file; returns metadata only.
+
+    The math runs on task.threads threads wherever it runs: LAPACK and BLAS results depend on the thread
+    count, and one config must give the same bytes on every executor.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(task.threads)
+    try:
+        return _merge_shard(task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_shard(task: ShardTask) -> ShardResult:
     start = time.perf_counter()
     device = resolve_device(task.device)
     path = os.path.join(task.staging, "_parts", task.part_name)

@@ -45,7 +45,7 @@ class RuntimeSpec:
     address: Optional[str] = None
     num_workers: Optional[int] = None
     gpus_per_worker: Optional[float] = None
-    cpus_per_worker: float = 1
+    cpus_per_worker: float = 1  # also the torch threads of the math, in every executor (same bytes)
     device: str = "auto"
     gpu_wait_s: float = 0.0
     task_timeout_s: Optional[float] = 3600.0

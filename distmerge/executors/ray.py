@@ -1,0 +1,231 @@
+"""Run shard tasks on a pool of long-lived Ray actors.
+
+Workers are thin: each wraps merge_shard, loads only its shard's tensors from shared storage, writes
+its part file into the staging directory and returns metadata. The driver keeps one task in flight
+per worker and hands the next shard to whichever finishes first (ray.wait). A worker that dies or
+hangs is replaced and its shard runs again; part writes are atomic, so a retry is idempotent. A
+shard that fails for a data reason fails the merge with the adapter and tensor named.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import Sequence
+
+from distmerge.config.schema import RuntimeSpec
+from distmerge.errors import DistmergeError, ExecutorError
+from distmerge.executors.base import OnResult
+from distmerge.plan import ShardTask
+from distmerge.shard import ShardResult, merge_shard
+
+log = logging.getLogger("distmerge")
+TEST_ENV_PREFIX = "DISTMERGE_TEST_"  # fault-injection hooks, forwarded to workers for the test suite
+POLL_S = 1.0
+
+
+def worker_shape(resources: dict, runtime: RuntimeSpec) -> tuple[int, float]:
+    """(number of workers, GPUs per worker) for a cluster's resources; never asks for GPUs it lacks."""
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    per_gpu = runtime.gpus_per_worker if runtime.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    if per_gpu > 0 and gpus < per_gpu:
+        raise ExecutorError(
+            f"runtime.gpus_per_worker={per_gpu:g} but the Ray cluster has {gpus:g} GPUs; an actor asking for a GPU "
+            f"that does not exist would wait forever. Set runtime.gpus_per_worker=0 for CPU workers, or "
+            f"runtime.gpu_wait_s to wait for autoscaled GPU nodes")
+    if runtime.num_workers:
+        n = runtime.num_workers
+    elif per_gpu > 0:
+        n = max(1, int(gpus // per_gpu))
+    else:
+        n = max(1, min(4, int(cpus // runtime.cpus_per_worker)))
+    return n, per_gpu
+
+
+def _check_access(files: Sequence[str], staging: str) -> str | None:
+    """None if this process can read every input and write the staging directory, else what failed."""
+    where = f"node {socket.gethostname()} ({_node_ip()})"
+    for f in files:
+        try:
+            with open(f, "rb") as h:
+                h.read(8)
+        except OSError as e:
+            return f"{where} cannot read input {f}: {e.strerror or e}; inputs must be on storage every node sees"
+    probe = os.path.join(staging, "_parts", f".probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        with open(probe, "wb") as h:
+            h.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        return (f"{where} cannot write the output's staging directory {staging}: {e.strerror or e}; output.path "
+                f"must be on storage every node sees (not a node-local disk)")
+    return None
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "?"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
+
+
+def _fault_hooks() -> None:
+    """Test-only: die or hang once per flag file, so the suite can kill a worker mid-merge."""
+    for name, action in (("CRASH_ONCE", lambda: os._exit(1)), ("HANG_ONCE", lambda: time.sleep(10**6))):
+        flag = os.environ.get(TEST_ENV_PREFIX + name)
+        if flag:
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
+            action()
+
+
+class MergeWorker:
+    """The actor: a thin wrapper around merge_shard."""
+
+    def ping(self) -> tuple[str, str]:
+        return socket.gethostname(), _node_ip()
+
+    def preflight(self, files: Sequence[str], staging: str) -> str | None:
+        return _check_access(files, staging)
+
+    def run(self, task: ShardTask) -> ShardResult:
+        _fault_hooks()
+        result = merge_shard(task)
+        node = (("node", f"{_node_ip()}/{_node_id()}"),)
+        return ShardResult(**{**result.__dict__, "worker": result.worker + node})
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, runtime: RuntimeSpec):
+        self.runtime = runtime
+        self._owns_ray = False
+        self._workers: list = []
+        self.parallelism = 1
+        self._gpus = 0.0
+
+    def __enter__(self) -> "RayExecutor":
+        import ray
+
+        if not ray.is_initialized():
+            address = self.runtime.address or os.environ.get("RAY_ADDRESS")
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            self._owns_ray = True
+        self.parallelism, self._gpus = self._wait_for_shape()
+        actor = ray.remote(MergeWorker)
+        env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+        self._actor = actor.options(num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
+                                    runtime_env={"env_vars": env} if env else None)
+        self._workers = [self._actor.remote() for _ in range(self.parallelism)]
+        log.info("ray: %d workers (%g CPU, %g GPU each) on %s", self.parallelism, self.runtime.cpus_per_worker,
+                 self._gpus, ray.get_runtime_context().gcs_address)
+        return self
+
+    def _wait_for_shape(self) -> tuple[int, float]:
+        import ray
+
+        deadline = time.monotonic() + self.runtime.gpu_wait_s
+        while True:
+            try:
+                return worker_shape(ray.cluster_resources(), self.runtime)
+            except ExecutorError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for w in self._workers:
+            ray.kill(w, no_restart=True)
+        self._workers = []
+        if self._owns_ray:
+            ray.shutdown()
+
+    def _preflight(self, tasks: Sequence[ShardTask]) -> None:
+        import ray
+
+        files = sorted({s.a.file for t in tasks for m in t.modules for s in m.sources}
+                       | {i.file for t in tasks for p in t.passthrough for _, i in p.sources})
+        staging = tasks[0].staging
+        refs = [w.preflight.remote(files, staging) for w in self._workers]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(60.0, self.runtime.gpu_wait_s))
+        if pending:
+            raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not start within 60s; check that "
+                                f"the cluster has {self.runtime.cpus_per_worker:g} CPU and {self._gpus:g} GPU free "
+                                f"per worker (ray status)")
+        problems = sorted({p for p in ray.get(ready) if p})
+        if problems:
+            raise ExecutorError("preflight failed: " + "; ".join(problems))
+
+    def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        if not tasks:
+            return []
+        self._preflight(tasks)
+        queue = deque(tasks)
+        attempts = {t.index: 0 for t in tasks}
+        results: dict[int, ShardResult] = {}
+        inflight: dict = {}  # ref → (task, worker slot, started)
+
+        def submit(slot: int) -> None:
+            if queue:
+                task = queue.popleft()
+                inflight[self._workers[slot].run.remote(task)] = (task, slot, time.monotonic())
+
+        def replace(slot: int, task: ShardTask, why: str) -> None:
+            attempts[task.index] += 1
+            if attempts[task.index] > self.runtime.max_retries:
+                raise ExecutorError(f"shard {task.index} failed {attempts[task.index]} times ({why}); "
+                                    f"giving up after runtime.max_retries={self.runtime.max_retries}")
+            log.warning("shard %d: %s; replacing the worker and running the shard again", task.index, why)
+            ray.kill(self._workers[slot], no_restart=True)
+            self._workers[slot] = self._actor.remote()
+            queue.appendleft(task)
+
+        for slot in range(len(self._workers)):
+            submit(slot)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                task, slot, _started = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, DistmergeError):
+                        raise cause from None
+                    raise
+                except (RayActorError, GetTimeoutError) as e:
+                    replace(slot, task, f"worker died ({type(e).__name__})")
+                else:
+                    results[task.index] = result
+                    on_result(task, result)
+                submit(slot)
+            timeout = self.runtime.task_timeout_s
+            if timeout:
+                now = time.monotonic()
+                for ref, (task, slot, started) in list(inflight.items()):
+                    if now - started > timeout:
+                        inflight.pop(ref)
+                        replace(slot, task, f"no result after runtime.task_timeout_s={timeout:g}s")
+                        submit(slot)
+        return [results[t.index] for t in tasks]

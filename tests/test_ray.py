@@ -1,0 +1,199 @@
+"""The Ray executor on a real local Ray (one per session), real clusters in subprocesses, and a real
+`ray start --head` + `ray job submit` through launch/submit.sh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import distmerge
+from distmerge.config.schema import RuntimeSpec
+from distmerge.errors import ExecutorError, MergeError
+from distmerge.executors.ray import _check_access, worker_shape
+from tests.conftest import BASES, merge_config
+from tests.peft_oracle import load_merged, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _ray(workers: int, **extra) -> dict:
+    return {"executor": "ray", "num_workers": workers, "cpus_per_worker": 0.5, "progress": False, **extra}
+
+
+@pytest.mark.parametrize("method", ["ties", "svd", "dare_ties"])
+def test_ray_matches_local_bytes(adapter_sets, tmp_path, ray_session, method):
+    aset = adapter_sets("different_targets")
+    kw = {"density": 0.5, "seed": 4}
+    distmerge.merge(merge_config(aset, tmp_path / "local", method, **kw))
+    for n in (1, 3):
+        r = distmerge.merge(merge_config(aset, tmp_path / f"ray{n}", method, runtime=_ray(n), **kw))
+        assert r.manifest["executor"] == "ray"
+        assert len({s["worker"]["pid"] for s in r.manifest["shards"]}) == n
+        assert _sha(tmp_path / f"ray{n}") == _sha(tmp_path / "local")
+
+
+def test_killed_worker_costs_time_not_correctness(adapter_sets, tmp_path, ray_session, monkeypatch):
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "ties_svd", density=0.5))
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv("DISTMERGE_TEST_CRASH_ONCE", str(flag))
+    distmerge.merge(merge_config(aset, tmp_path / "ray", "ties_svd", density=0.5, runtime=_ray(2)))
+    assert flag.exists(), "no worker was killed"
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def test_hung_worker_is_timed_out(adapter_sets, tmp_path, ray_session, monkeypatch):
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "linear"))
+    flag = tmp_path / "hung"
+    monkeypatch.setenv("DISTMERGE_TEST_HANG_ONCE", str(flag))
+    distmerge.merge(merge_config(aset, tmp_path / "ray", "linear", runtime=_ray(2, task_timeout_s=3)))
+    assert flag.exists()
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def test_data_error_on_a_worker_fails_cleanly(adapter_sets, tmp_path, ray_session):
+    aset = adapter_sets("llama")
+    bad = tmp_path / "bad"
+    shutil.copytree(aset.paths[1], bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "v_proj.lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    broken = type(aset)(aset.base, [aset.paths[0], bad], [0.5, 0.5])
+    with pytest.raises(MergeError, match=rf"adapter 'bad': tensor '{key}'.*NaN/Inf"):
+        distmerge.merge(merge_config(broken, tmp_path / "out", "ties", density=0.5, runtime=_ray(2)))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))
+
+
+def test_worker_shape_never_asks_for_missing_gpus():
+    cpu = RuntimeSpec()
+    assert worker_shape({"CPU": 16.0}, cpu) == (4, 0.0)
+    assert worker_shape({"CPU": 2.0}, cpu) == (2, 0.0)
+    assert worker_shape({"CPU": 64.0, "GPU": 8.0}, cpu) == (8, 1.0)
+    assert worker_shape({"CPU": 64.0, "GPU": 8.0}, RuntimeSpec(gpus_per_worker=0)) == (4, 0.0)
+    assert worker_shape({"CPU": 64.0, "GPU": 8.0}, RuntimeSpec(num_workers=3)) == (3, 1.0)
+    with pytest.raises(ExecutorError, match="has 0 GPUs.*gpus_per_worker=0"):
+        worker_shape({"CPU": 8.0}, RuntimeSpec(gpus_per_worker=1))
+
+
+def test_preflight_names_the_node_and_the_path(tmp_path):
+    (tmp_path / "stage" / "_parts").mkdir(parents=True)
+    assert _check_access([], str(tmp_path / "stage")) is None
+    problem = _check_access([str(tmp_path / "missing.safetensors")], str(tmp_path / "stage"))
+    assert "cannot read input" in problem and "missing.safetensors" in problem and "node" in problem
+    problem = _check_access([], str(tmp_path / "elsewhere"))
+    assert "cannot write the output's staging directory" in problem and "node-local" in problem
+
+
+@pytest.fixture
+def ray_tmp():
+    """Ray's temp dir for a test's own cluster: short, since Ray's socket paths must fit in 107 bytes."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="dmray", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _scenario(name: str, cfg: dict, tmp_path: Path, ray_tmp: Path) -> dict:
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "tests.ray_scenarios", name, str(tmp_path / f"{name}.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_multinode_cluster(adapter_sets, tmp_path, ray_tmp):
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "svd"))
+    cfg = merge_config(aset, tmp_path / "ray", "svd", runtime={"progress": False})
+    manifest = _scenario("multinode", cfg, tmp_path, ray_tmp)
+    nodes = {s["worker"]["node"] for s in manifest["shards"]}
+    assert len(nodes) == 2, nodes
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def test_fake_gpus_are_requested_only_when_present(adapter_sets, tmp_path, ray_tmp):
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "ties", density=0.5))
+    manifest = _scenario("fake_gpus", merge_config(aset, tmp_path / "ray", "ties", density=0.5,
+                                                   runtime={"progress": False}), tmp_path, ray_tmp)
+    # 2 fake GPUs: one worker per GPU; torch sees no CUDA there, so each worker falls back to the CPU
+    assert len({s["worker"]["pid"] for s in manifest["shards"]}) == 2
+    assert {s["worker"]["device"] for s in manifest["shards"]} == {"cpu"}
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def _stop_head(temp_dir: Path) -> None:
+    """Stop only the head this test started (every process of it names its temp dir); `ray stop` would
+    stop every Ray on the machine, this session's included."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+
+
+def test_ray_job_submit_end_to_end(adapter_sets, tmp_path, ray_tmp):
+    """A real head on 127.0.0.1, a merge submitted through launch/submit.sh; the output loads in PEFT."""
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "dare_ties", density=0.5, seed=2))
+    cfg_path = tmp_path / "submit.yaml"
+    cfg_path.write_text(json.dumps(merge_config(aset, tmp_path / "ray", "dare_ties", density=0.5, seed=2,
+                                                runtime={"progress": False, "num_workers": 2,
+                                                         "cpus_per_worker": 0.5})))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", "--dashboard-port=28265", "--include-dashboard=true",
+             f"--temp-dir={ray_tmp}", "--disable-usage-stats"]
+    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        for _ in range(10):  # a fresh head's job agent can take a few seconds to come up
+            sub = subprocess.run(["bash", str(ROOT / "launch" / "submit.sh"), "http://127.0.0.1:28265",
+                                  str(cfg_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(3)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+        assert "merged 2 adapters" in sub.stdout or "merged 3 adapters" in sub.stdout, sub.stdout[-2000:]
+    finally:
+        _stop_head(ray_tmp)
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+    ours, _ = load_merged(BASES[aset.base], tmp_path / "ray")
+    theirs, _ = load_merged(BASES[aset.base], tmp_path / "local")
+    assert all(rel_err(ours[k], theirs[k]) == 0 for k in theirs)
