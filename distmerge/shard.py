@@ -98,18 +98,22 @@ def _merge_shard(task: ShardTask) -> ShardResult:
     device = resolve_device(task.device)
     path = os.path.join(task.staging, "_parts", task.part_name)
     stats = []
-    with TensorReader() as reader, StreamWriter(path, task_specs(task)) as writer:
+    # A reader per module: safe_open memory-maps whole files, and pages it touched stay resident
+    # while the map is open, so a shard-long reader would grow with the number of layers.
+    with StreamWriter(path, task_specs(task)) as writer:
         for job in task.modules:
-            a, b, s = merge_module(job, task, reader, device)
+            with TensorReader() as reader:
+                a, b, s = merge_module(job, task, reader, device)
             writer.write(job.a_name, a)
             writer.write(job.b_name, b)
             stats.append((job.module, tuple(sorted(s.items()))))
         for p in task.passthrough:
-            tensor = reader.load_raw(p.sources[0][1], p.sources[0][0])
-            for owner, info in p.sources[1:]:
-                if not torch.equal(tensor, reader.load_raw(info, owner)):
-                    raise MergeError(f"tensor {p.name!r} differs between adapters {p.sources[0][0]!r} and "
-                                     f"{owner!r}; a saved base layer must be the same in every adapter")
+            with TensorReader() as reader:
+                tensor = reader.load_raw(p.sources[0][1], p.sources[0][0])
+                for owner, info in p.sources[1:]:
+                    if not torch.equal(tensor, reader.load_raw(info, owner)):
+                        raise MergeError(f"tensor {p.name!r} differs between adapters {p.sources[0][0]!r} and "
+                                         f"{owner!r}; a saved base layer must be the same in every adapter")
             writer.write(p.name, tensor)
         tensors = tuple(writer.tensors())
         sha = writer.close()

@@ -153,6 +153,18 @@ def test_fake_gpus_are_requested_only_when_present(adapter_sets, tmp_path, ray_t
     assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def _stop_head(temp_dir: Path) -> None:
     """Stop only the head this test started (every process of it names its temp dir); `ray stop` would
     stop every Ray on the machine, this session's included."""
@@ -177,14 +189,17 @@ def test_ray_job_submit_end_to_end(adapter_sets, tmp_path, ray_tmp):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    dash, agent, metrics, client = _free_ports(4)  # the session's Ray holds the default agent ports
     start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=2",
-             "--dashboard-host=127.0.0.1", "--dashboard-port=28265", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+             f"--ray-client-server-port={client}",
              f"--temp-dir={ray_tmp}", "--disable-usage-stats"]
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         for _ in range(10):  # a fresh head's job agent can take a few seconds to come up
-            sub = subprocess.run(["bash", str(ROOT / "launch" / "submit.sh"), "http://127.0.0.1:28265",
+            sub = subprocess.run(["bash", str(ROOT / "launch" / "submit.sh"), f"http://127.0.0.1:{dash}",
                                   str(cfg_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in sub.stdout + sub.stderr:
                 break
