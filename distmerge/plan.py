@@ -8,7 +8,6 @@ known before any math runs and do not depend on how the work is split.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 import re
