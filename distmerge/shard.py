@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from distmerge.adapters.header import TensorInfo
-from distmerge.adapters.reader import TensorReader
+from distmerge.adapters.header import TORCH_DTYPES, TensorInfo
+from distmerge.adapters.reader import TensorReader, all_finite
 from distmerge.errors import MergeError
 from distmerge.methods import registry
 from distmerge.methods.base import Factors, ModuleContext
-from distmerge.output.safetensors_io import _TORCH_DTYPES, Spec, StreamWriter
+from distmerge.output.safetensors_io import Spec, StreamWriter
 from distmerge.plan import ModuleJob, ShardTask
 
 
@@ -28,11 +30,31 @@ from distmerge.plan import ModuleJob, ShardTask
 class ShardResult:
     index: int
     part: str
-    sha256: str
     tensors: tuple[TensorInfo, ...]
     stats: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]  # (module, ((stat, value), ...))
     seconds: float
     worker: tuple[tuple[str, str], ...]  # host, pid, device
+    phases: tuple[tuple[str, float], ...] = ()  # seconds spent reading, merging, writing
+
+
+class Phases:
+    """Seconds per phase of a shard, so a slow merge says whether it waits on I/O or on math."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def items(self) -> tuple[tuple[str, float], ...]:
+        return tuple((k, round(v, 4)) for k, v in sorted(self.seconds.items()))
 
 
 def resolve_device(pref: str) -> torch.device:
@@ -53,30 +75,41 @@ def task_specs(task: ShardTask) -> list[Spec]:
     return specs
 
 
-def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device,
+                 phase: Phases | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One module: (lora_A, lora_B) in their saved layout and dtype, and the module's stats."""
+    phase = phase or Phases(device)
     inputs = []
-    for s in job.sources:
-        a = reader.load(s.a, s.adapter_name).to(device)
-        b = reader.load(s.b, s.adapter_name).to(device)
-        inputs.append(Factors(a.reshape(s.rank, -1), b.reshape(b.shape[0], s.rank), s.scaling, s.weight, s.adapter))
+    with phase("read"):
+        for s in job.sources:
+            a = reader.load(s.a, s.adapter_name).to(device)
+            b = reader.load(s.b, s.adapter_name).to(device)
+            inputs.append(Factors(a.reshape(s.rank, -1), b.reshape(b.shape[0], s.rank), s.scaling, s.weight,
+                                  s.adapter))
+    with phase("math"):
+        a, b, stats = _merge_math(job, task, inputs, device)
+    with phase("write"):
+        dtype = TORCH_DTYPES[task.out_dtype]
+        a_out = a.reshape(job.a_shape).to(dtype).cpu()
+        b_out = b.reshape(job.b_shape).to(dtype).cpu()
+    return a_out, b_out, stats
+
+
+def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     method = registry.get(task.method)
     merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device))
     a, b = merged.a, merged.b
     if a.shape[0] != job.rank or b.shape[1] != job.rank:
         raise AssertionError(f"{task.method} returned rank {a.shape[0]}/{b.shape[1]} for {job.module}, "
                              f"planned {job.rank}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (all_finite(a) and all_finite(b)):
         names = ", ".join(s.adapter_name for s in job.sources)
         raise MergeError(f"module {job.module!r}: the {task.method} merge of {names} produced NaN/Inf; "
                          f"check the weights and the inputs' magnitudes")
     # ‖B·A‖_F without forming B·A: √ sum((BᵀB) ∘ (AAᵀ))
     norm = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
-    dtype = _TORCH_DTYPES[task.out_dtype]
-    a_out = a.reshape(job.a_shape).to(dtype).cpu()
-    b_out = b.reshape(job.b_shape).to(dtype).cpu()
-    return a_out, b_out, {"rank": float(job.rank), "delta_norm": norm, **merged.stats}
+    return a, b, {"rank": float(job.rank), "delta_norm": norm, **merged.stats}
 
 
 def merge_shard(task: ShardTask) -> ShardResult:
@@ -98,24 +131,26 @@ def _merge_shard(task: ShardTask) -> ShardResult:
     device = resolve_device(task.device)
     path = os.path.join(task.staging, "_parts", task.part_name)
     stats = []
-    # A reader per module: safe_open memory-maps whole files, and pages it touched stay resident
-    # while the map is open, so a shard-long reader would grow with the number of layers.
-    with StreamWriter(path, task_specs(task)) as writer:
+    phase = Phases(device)
+    with StreamWriter(path, task_specs(task), digest=False) as writer, TensorReader() as reader:
         for job in task.modules:
-            with TensorReader() as reader:
-                a, b, s = merge_module(job, task, reader, device)
-            writer.write(job.a_name, a)
-            writer.write(job.b_name, b)
+            a, b, s = merge_module(job, task, reader, device, phase)
+            with phase("write"):
+                writer.write(job.a_name, a)
+                writer.write(job.b_name, b)
             stats.append((job.module, tuple(sorted(s.items()))))
         for p in task.passthrough:
-            with TensorReader() as reader:
+            with phase("read"):
                 tensor = reader.load_raw(p.sources[0][1], p.sources[0][0])
                 for owner, info in p.sources[1:]:
                     if not torch.equal(tensor, reader.load_raw(info, owner)):
                         raise MergeError(f"tensor {p.name!r} differs between adapters {p.sources[0][0]!r} and "
                                          f"{owner!r}; a saved base layer must be the same in every adapter")
-            writer.write(p.name, tensor)
+            with phase("write"):
+                writer.write(p.name, tensor)
         tensors = tuple(writer.tensors())
-        sha = writer.close()
+        with phase("write"):
+            writer.close()
     worker = (("host", socket.gethostname()), ("pid", str(os.getpid())), ("device", str(device)))
-    return ShardResult(task.index, path, sha, tensors, tuple(stats), time.perf_counter() - start, worker)
+    return ShardResult(task.index, path, tensors, tuple(stats), time.perf_counter() - start, worker,
+                       phase.items())

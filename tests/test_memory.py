@@ -36,12 +36,7 @@ def _peak_rss(tmp_path, layers: int, method: str) -> tuple[int, int]:
     return int(out.stdout.strip().splitlines()[-1]), inputs
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("ties", marks=pytest.mark.xfail(reason="open: factor-path peak RSS still grows ~0.4x the added "
-                                                        "input (measured 50 MB for 120 MB); cause not found yet",
-                                                 strict=False)),
-    "ties_svd",
-])
+@pytest.mark.parametrize("method", ["ties", "ties_svd"])
 def test_peak_rss_does_not_grow_with_layers(tmp_path, method):
     small, small_in = _peak_rss(tmp_path, 4, method)
     large, large_in = _peak_rss(tmp_path, 16, method)

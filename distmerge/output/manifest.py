@@ -23,6 +23,10 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
     from distmerge import __version__
 
     modules = {m: dict(s) for r in results for m, s in r.stats}
+    phases: dict[str, float] = {}
+    for r in results:
+        for k, v in r.phases:
+            phases[k] = phases.get(k, 0.0) + v
     manifest = {
         "distmerge_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -31,11 +35,13 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
                    "output_dtype": plan.out_dtype},
         "executor": executor,
         "seconds": seconds,
+        "worker_seconds": {k: round(v, 4) for k, v in sorted(phases.items())},  # summed over shards
         "inputs": inputs,
         "outputs": outputs,
         "modules": dict(sorted(modules.items())),
         "shards": [{"index": t.index, "modules": len(t.modules), "passthrough": len(t.passthrough),
                     "in_bytes": t.in_bytes, "out_bytes": t.out_bytes, "seconds": round(r.seconds, 4),
+                    "phases": dict(r.phases),
                     "worker": dict(r.worker)} for t, r in zip(tasks, results)],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "safetensors": safetensors.__version__},

@@ -16,13 +16,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from distmerge.adapters.header import DTYPE_SIZES, TensorInfo
+from distmerge.adapters.header import DTYPE_SIZES, ST_DTYPES, TensorInfo
 
-COPY_CHUNK = 16 * 2**20
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-ST_DTYPE = {v: k for k, v in _TORCH_DTYPES.items()}
+COPY_CHUNK = 4 * 2**20  # one reused buffer: the peak must not depend on file sizes
 
 
 @dataclass(frozen=True)
@@ -52,11 +48,12 @@ def _header(specs: Sequence[Spec], metadata: dict[str, str] | None) -> tuple[byt
 class StreamWriter:
     """Write tensors in the order of `specs`; the file appears under `path` only on a clean close."""
 
-    def __init__(self, path: str, specs: Sequence[Spec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str, specs: Sequence[Spec], metadata: dict[str, str] | None = None,
+                 digest: bool = True):
         self.path, self.specs = path, list(specs)
         self._tmp = f"{path}.tmp-{os.getpid()}"
         self._file = open(self._tmp, "wb")
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if digest else None  # worker parts skip it: only outputs are recorded
         head, self._offsets = _header(self.specs, metadata or {"format": "pt"})
         self._data_start = len(head)
         self._emit(head)
@@ -64,7 +61,8 @@ class StreamWriter:
 
     def _emit(self, data) -> None:
         self._file.write(data)
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
 
     def _expect(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
         spec = self.specs[self._next]
@@ -73,7 +71,7 @@ class StreamWriter:
         self._next += 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._expect(name, tuple(tensor.shape), ST_DTYPE[tensor.dtype])
+        self._expect(name, tuple(tensor.shape), ST_DTYPES[tensor.dtype])
         self._emit(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     def copy(self, t: TensorInfo, src) -> None:
@@ -81,12 +79,13 @@ class StreamWriter:
         self._expect(t.name, t.shape, t.dtype)
         src.seek(t.begin)
         left = t.nbytes
+        buf = memoryview(bytearray(min(COPY_CHUNK, max(left, 1))))
         while left:
-            chunk = src.read(min(COPY_CHUNK, left))
-            if not chunk:
+            n = src.readinto(buf[:min(len(buf), left)])
+            if not n:
                 raise OSError(f"{t.file} ended early while copying {t.name}")
-            self._emit(chunk)
-            left -= len(chunk)
+            self._emit(buf[:n])
+            left -= n
 
     def tensors(self) -> list[TensorInfo]:
         """Where each tensor will lie in the finished file."""
@@ -95,12 +94,12 @@ class StreamWriter:
                 for s, (b, e) in zip(self.specs, self._offsets)]
 
     def close(self) -> str:
-        """Finish the file (atomically, so a retried shard rewrites it whole) and return its sha256."""
+        """Finish the file (atomically, so a retried shard rewrites it whole); its sha256 if digested."""
         if self._next != len(self.specs):
             raise AssertionError(f"{self.path}: wrote {self._next} of {len(self.specs)} tensors")
         self._file.close()
         os.replace(self._tmp, self.path)
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else ""
 
     def abort(self) -> None:
         self._file.close()
@@ -134,7 +133,8 @@ def copy_tensors(path: str, tensors: Iterable[TensorInfo], metadata: dict[str, s
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
+    buf = memoryview(bytearray(2**20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     return h.hexdigest()
