@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft_mu
 
-from distmerge.methods._primitives import (Combine, combine, disjoint_merge, elect_sign, magnitude_mask,
-                                           magnitude_threshold, random_mask, threshold_mask)
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, disjoint_merge, elect_sign, magnitude_mask,
+                                           kth_smallest, magnitude_threshold, random_mask, threshold_mask)
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
+from distmerge.methods.base import Factors
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.99, 1.0])
@@ -26,9 +27,21 @@ def test_ties_at_threshold_keep_lowest_indices():
     t, ties = magnitude_threshold(x.abs(), 3 / 7)
     assert (t, ties) == (2.0, 2)
     # split into blocks, the tie budget carries over in flat order
-    first = threshold_mask(x[:3].abs(), t, ties)
-    second = threshold_mask(x[3:].abs(), t, ties - int((x[:3].abs() == t).sum()))
+    first, taken = threshold_mask(x[:3].abs(), t, ties)
+    second, _ = threshold_mask(x[3:].abs(), t, ties - taken)
+    assert taken == 1
     assert torch.cat([first, second]).tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize("data", ["randn", "few_values", "constant", "ascending"])
+def test_kth_smallest_is_kthvalue(data):
+    """The bracketing selection is exact, also where the sample cannot bracket (duplicates, sorted data)."""
+    n = SELECT_DIRECT * 3 + 7
+    g = torch.Generator().manual_seed(5)
+    x = {"randn": torch.randn(n, generator=g), "few_values": torch.randint(0, 5, (n,), generator=g).float(),
+         "constant": torch.full((n,), 0.25), "ascending": torch.arange(n, dtype=torch.float32)}[data]
+    for j in (1, 2, n // 3, n // 2, n - 1, n):
+        assert kth_smallest(x.reshape(-1, 7 if n % 7 == 0 else 1), j) == torch.kthvalue(x, j).values, j
 
 
 @pytest.mark.parametrize("method", ["total", "frequency"])
@@ -100,3 +113,21 @@ def test_quantile_matches_torch():
     x = torch.randn(1001, generator=torch.Generator().manual_seed(9))
     for q in (0.0, 0.3, 0.9, 0.999, 1.0):
         assert float(quantile(x, q)) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6)
+
+
+@pytest.mark.parametrize("force_fallback", [False, True])
+def test_blockwise_threshold_is_the_whole_delta_threshold(monkeypatch, force_fallback):
+    """ties_svd and magnitude_prune_svd find PEFT's top-k threshold without forming the delta whole."""
+    from distmerge.methods import pruned_svd
+
+    g = torch.Generator().manual_seed(9)
+    f = Factors(a=torch.randn(8, 512, generator=g), b=torch.randn(640, 8, generator=g), scaling=0.5, weight=1.0,
+                adapter=0)
+    assert 640 * 512 > SELECT_DIRECT  # the bracketing path, not kthvalue on the whole
+    spans = [(r0, min(640, r0 + 96)) for r0 in range(0, 640, 96)]
+    if force_fallback:  # a bracket that misses must still give the exact threshold
+        monkeypatch.setattr(pruned_svd, "bracket", lambda sample, q: (sample[0], sample[0]))
+    whole = torch.cat([pruned_svd._rows(f, r0, r1) for r0, r1 in spans]).abs()
+    for density in (0.1, 0.5, 0.9):
+        got = pruned_svd.magnitude_threshold(f, spans, density, torch.Generator().manual_seed(1))
+        assert got == magnitude_threshold(whole, density)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.methods._primitives import kth_smallest
+
 
 @dataclass
 class Truncated:
@@ -82,13 +84,13 @@ def svd_dense(m: torch.Tensor, rank: int, algorithm: str = "exact", oversample: 
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile's linear interpolation via kthvalue, which has no 16M-element limit."""
+    """torch.quantile's linear interpolation by selection, which has no 16M-element limit."""
     flat = x.reshape(-1)
     pos = q * (flat.numel() - 1)
     lo = int(pos)
     hi = min(lo + 1, flat.numel() - 1)
-    v_lo = torch.kthvalue(flat, lo + 1).values
-    v_hi = torch.kthvalue(flat, hi + 1).values if hi != lo else v_lo
+    v_lo = kth_smallest(flat, lo + 1)
+    v_hi = kth_smallest(flat, hi + 1) if hi != lo else v_lo
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 

@@ -11,7 +11,11 @@ from distmerge.methods.registry import register
 
 
 def cat(inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
-    a = torch.cat([f.a * f.weight * f.scaling for f in inputs], dim=0)
+    a = torch.cat([f.a for f in inputs], dim=0)
+    row = 0
+    for f in inputs:
+        a[row:row + f.a.shape[0]] *= f.weight * f.scaling
+        row += f.a.shape[0]
     b = torch.cat([f.b for f in inputs], dim=1)
     return Merged(a=a, b=b)
 
