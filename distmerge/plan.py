@@ -251,8 +251,8 @@ def _job(name: str, pairs: list, method, spec: MergeSpec, nominal_svd: int, out_
     out_bytes = (_numel(a_shape) + _numel(b_shape)) * DTYPE_SIZES[out_dtype]
     in_f32 = 4 * sum(mod.a.numel + mod.b.numel for _, mod in pairs)
     work = 3 * in_f32 + 3 * out_bytes
-    if method.dense:  # one whole delta + its |.| + kthvalue's copy, the merged delta, a row block, the Gram
-        work += 4 * 4 * m * n + 4 * (1 << 24) + 4 * min(m, n) ** 2
+    if method.dense:  # the merged delta, a 16 MiB row-block buffer and its temporaries, the Gram and its eigenvectors
+        work += 4 * m * n + 8 * 4 * (1 << 22) + 2 * 4 * min(m, n) ** 2
     sources = tuple(Source(a.index, a.name, mod.a, mod.b, mod.rank, mod.scaling, a.weight) for a, mod in pairs)
     return ModuleJob(
         module=name, embedding=first.embedding, rank=rank,

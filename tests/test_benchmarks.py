@@ -1,0 +1,36 @@
+"""The benchmark runs end to end at a tiny size: both tools, the PEFT sample and its extrapolation,
+the randomized SVD and the report. It asserts what the numbers mean, never how fast they are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke(tmp_path):
+    methods = ["linear", "cat", "dare_ties", "svd", "ties_svd"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vs_peft.py"), "--out", str(tmp_path),
+                          "--tiny", "--methods", ",".join(methods), "--peft-sample", "always"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["method"], r["algorithm"]): r for r in results["rows"]}
+    assert set(rows) == {(m, "exact") for m in methods} | {("ties_svd", "randomized")}
+    for (method, algorithm), r in rows.items():
+        assert r["wall_s"] > 0 and r["peak_rss"] > 0 and r["peft_wall_s"] > 0 and r["peft_peak_rss"] > 0
+        assert r["peft_extrapolated"] == (method in ("svd", "ties_svd"))
+        if method == "dare_ties" or algorithm == "randomized":
+            assert r["agreement"] is None  # PEFT's DARE is unseeded; randomized is not PEFT's algorithm
+        else:
+            # PEFT's cat writes into bf16 weights on a bf16 base; every other method keeps float32
+            assert r["agreement"] < (1e-2 if method == "cat" else 1e-3), (method, r["agreement"])
+    assert 0.999 <= rows[("ties_svd", "randomized")]["trunc_ratio"] < 1.5  # exact is optimal, up to rounding
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert all(f"| {m} |" in report for m in methods) and "~ PEFT merged a sample of 3 modules" in report
