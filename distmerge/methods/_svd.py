@@ -53,16 +53,17 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> Truncated:
     return out
 
 
-def _rayleigh_ritz(m: torch.Tensor, q: torch.Tensor, rank: int) -> Truncated:
+def _rayleigh_ritz(m: torch.Tensor, q: torch.Tensor, rank: int, energy: float | None) -> Truncated:
     """Best rank-`rank` approximation of m within the column space of orthonormal q."""
     uz, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
     out = _canonical(q @ uz, s, vh, rank)
-    out.energy = float((m.double() ** 2).sum())
+    out.energy = energy if energy is not None else float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
     return out
 
 
 def svd_dense(m: torch.Tensor, rank: int, algorithm: str = "exact", oversample: int = 8, niter: int = 4,
-              generator: torch.Generator | None = None) -> Truncated:
+              generator: torch.Generator | None = None, energy: float | None = None) -> Truncated:
+    """Leading `rank` triplets of m; `energy` is ‖m‖²_F when the caller already summed it blockwise."""
     rows, cols = m.shape
     k = min(rank + oversample, rows, cols)
     if algorithm == "exact":
@@ -72,14 +73,14 @@ def svd_dense(m: torch.Tensor, rank: int, algorithm: str = "exact", oversample: 
         else:
             _, u = torch.linalg.eigh(m @ m.T)
             q = u[:, -k:].flip(1)
-        return _rayleigh_ritz(m, q, rank)
+        return _rayleigh_ritz(m, q, rank, energy)
     if algorithm == "randomized":
         omega = torch.randn(cols, k, generator=generator).to(device=m.device, dtype=m.dtype)
         q, _ = torch.linalg.qr(m @ omega)
         for _ in range(niter):
             z, _ = torch.linalg.qr(m.T @ q)
             q, _ = torch.linalg.qr(m @ z)
-        return _rayleigh_ritz(m, q, rank)
+        return _rayleigh_ritz(m, q, rank, energy)
     raise ValueError(f"unknown svd_algorithm {algorithm!r}")
 
 

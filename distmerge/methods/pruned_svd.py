@@ -15,8 +15,7 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import (SELECT_DIRECT, SELECT_SAMPLE, Combine, bracket, disjoint_merge,
-                                           elect_sign, random_mask, threshold_mask)
+from distmerge.methods._primitives import SELECT_DIRECT, SELECT_SAMPLE, Combine, bracket, random_mask
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -47,8 +46,9 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
         lo, hi = bracket(sample, j / total)
         below = above = 0
         band = []
+        buf = torch.empty(spans[0][1] - spans[0][0], n, dtype=f.a.dtype, device=f.a.device)
         for r0, r1 in spans:
-            d = _rows(f, r0, r1).abs_()
+            d = _rows(f, r0, r1, out=buf[:r1 - r0]).abs_()
             low = int(torch.count_nonzero(d < lo))
             keep = (d >= lo) & (d <= hi)
             band.append(d[keep])
@@ -63,8 +63,9 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
     return float(t), k - int(torch.count_nonzero(whole > t))
 
 
-def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine) -> tuple[torch.Tensor, float]:
-    """The pruned, merged dense delta of one module, built in row blocks; (delta, kept fraction)."""
+def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
+                 ) -> tuple[torch.Tensor, float, float]:
+    """The pruned, merged dense delta of one module, built in row blocks; (delta, kept fraction, ‖delta‖²)."""
     m, n = inputs[0].b.shape[0], inputs[0].a.shape[1]
     block = max(1, min(m, BLOCK_ELEMENTS // max(1, n * len(inputs))))
     spans = [(r0, min(m, r0 + block)) for r0 in range(0, m, block)]
@@ -80,37 +81,53 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine)
     weights = torch.tensor([f.weight for f in inputs], dtype=torch.float32, device=inputs[0].a.device)
     out = torch.empty(m, n, dtype=torch.float32, device=inputs[0].a.device)
     kept = 0
-    buffer = torch.empty(len(inputs), block, n, dtype=torch.float32, device=inputs[0].a.device)
+    if prune == "magnitude":  # exactly PEFT's k per adapter, by construction of the thresholds
+        kept = len(inputs) * min(max(int(density * m * n), 0), m * n)
+    energy = 0.0
+    # In-place, float-mask forms of _primitives' prune → elect_sign → disjoint_merge: the same values
+    # (x·1.0 and x·0.0 are what PEFT's bool masks give), in a third of the passes over the blocks.
+    device = inputs[0].a.device
+    stack_buf = torch.empty(len(inputs), block, n, dtype=torch.float32, device=device)
+    keep_buf = torch.empty(block, n, dtype=torch.float32, device=device)
+    agree_buf = torch.empty_like(stack_buf) if recipe.elect_sign else None
     for r0, r1 in spans:
-        stack = buffer[:, :r1 - r0]
+        rows = r1 - r0
+        stack = stack_buf[:, :rows]
         for i, f in enumerate(inputs):
             _rows(f, r0, r1, out=stack[i])
-        for i in range(len(inputs)):
             if prune == "magnitude":
-                mask, taken = threshold_mask(stack[i].abs(), thresholds[i][0], ties_left[i])
-                ties_left[i] -= taken
-                stack[i] *= mask
+                keep = torch.abs(stack[i], out=keep_buf[:rows])
+                t = thresholds[i][0]
+                ties = None
+                if ties_left[i] > 0:  # the first values equal to t, in flat order (see threshold_mask)
+                    ties = torch.nonzero(keep.reshape(-1) == t).reshape(-1)[:ties_left[i]]
+                    ties_left[i] -= ties.numel()
+                torch.gt(keep, t, out=keep)
+                if ties is not None:
+                    keep.reshape(-1)[ties] = 1.0
+                stack[i].mul_(keep)
             elif prune == "random":
-                mask = random_mask(stack[i].shape, density, gens[i], stack.device)
-                stack[i] *= mask
-                stack[i] /= density
-            else:
-                continue
-            kept += int(torch.count_nonzero(mask))
-        if recipe.elect_sign:
-            signs = elect_sign(stack, ctx.spec.majority_sign_method)  # on the unweighted values, as PEFT
-            out[r0:r1] = disjoint_merge(stack.mul_(weights.view(-1, 1, 1)), signs)
+                mask = random_mask(stack[i].shape, density, gens[i], device)
+                stack[i].mul_(mask).div_(density)
+                kept += int(torch.count_nonzero(mask))
+        if recipe.elect_sign:  # PEFT: sign(x) == majority sign, voted on the unweighted values
+            agree = torch.sign(stack, out=agree_buf[:, :rows])
+            votes = stack.sum(dim=0) if ctx.spec.majority_sign_method == "total" else agree.sum(dim=0)
+            torch.eq(agree, torch.where(votes >= 0, 1.0, -1.0), out=agree)
+            torch.sum(stack.mul_(weights.view(-1, 1, 1)).mul_(agree), dim=0, out=out[r0:r1])
+            out[r0:r1].div_(agree.sum(dim=0).clamp_(min=1.0))
         else:
             torch.sum(stack.mul_(weights.view(-1, 1, 1)), dim=0, out=out[r0:r1])
+        energy += float(torch.linalg.vector_norm(out[r0:r1], dtype=torch.float64)) ** 2
     fraction = kept / (m * n * len(inputs)) if prune else 1.0
-    return out, fraction
+    return out, fraction, energy
 
 
 def pruned_svd(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine) -> Merged:
-    delta, kept = merged_delta(inputs, ctx, recipe)
+    delta, kept, energy = merged_delta(inputs, ctx, recipe)
     s = ctx.spec
     gen = ctx.generator(f"{ctx.module}.sketch", -1) if s.svd_algorithm == "randomized" else None
-    t = svd_dense(delta, ctx.rank, s.svd_algorithm, s.svd_oversample, s.svd_niter, gen)
+    t = svd_dense(delta, ctx.rank, s.svd_algorithm, s.svd_oversample, s.svd_niter, gen, energy=energy)
     del delta
     a, b = to_factors(t, ctx.rank, s.svd_clamp)
     return Merged(a=a, b=b, stats={"kept_fraction": kept, **t.stats()})
