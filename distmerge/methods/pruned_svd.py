@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import SELECT_DIRECT, SELECT_SAMPLE, Combine, bracket, random_mask
+from distmerge.methods._primitives import SELECT_DIRECT, Combine, bracket, random_mask, sample_size
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -40,7 +40,7 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
         return float("-inf"), 0
     j = total - k + 1  # the threshold is the j-th smallest |value|
     if total > SELECT_DIRECT:
-        idx = torch.randint(total, (SELECT_SAMPLE,), generator=gen).to(f.a.device)
+        idx = torch.randint(total, (sample_size(total),), generator=gen).to(f.a.device)
         rows, cols = idx // n, idx % n
         sample, _ = ((f.b[rows] * f.a[:, cols].T).sum(1) * f.scaling).abs_().sort()
         lo, hi = bracket(sample, j / total)
