@@ -1,3 +1,3 @@
-from distmerge.cli import main
+from distmerge.cli import entry
 
-raise SystemExit(main())
+entry()
