@@ -14,11 +14,13 @@ from distmerge.demo import write_llama_adapter
 
 pytestmark = pytest.mark.slow
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report
+# at least the RSS pytest had when it started the child.
 MERGE = """
-import json, resource, sys
+import json, sys
 import distmerge
 distmerge.merge(json.loads(sys.argv[1]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -42,4 +44,4 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path, method):
     large, large_in = _peak_rss(tmp_path, 16, method)
     grown = large_in - small_in  # 120 MB more input
     assert grown > 100e6
-    assert large - small < 0.25 * grown, f"peak RSS grew {(large - small) / 1e6:.0f} MB for {grown / 1e6:.0f} MB"
+    assert large - small < 0.1 * grown, f"peak RSS grew {(large - small) / 1e6:.0f} MB for {grown / 1e6:.0f} MB"
