@@ -281,7 +281,7 @@ def markdown(setup: Setup, rows: list[dict], checks: list[dict], env: dict, read
                          f"{p['save_s']:.2f} |")
     lines += ["", "Targets (issue 4):", "", "| target | goal | measured | met |", "|---|---|---:|---|"]
     for c in checks:
-        lines.append(f"| {c['target']} | {c['goal']} | {c['measured']:.3g} | {'yes' if c['met'] else '**no**'} |")
+        lines.append(f"| {c['target']} | {c['goal']} | {c['measured']:.4g} | {'yes' if c['met'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
