@@ -50,10 +50,9 @@ def kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
     """Exactly torch.kthvalue(x.flatten(), j).values (1-based), in a few vectorized passes.
 
     kthvalue is a serial selection over all n values (0.6 s for one 11008×4096 delta here, 2.4 ms
-    for one 11008×16 factor). A
-    seeded sample brackets the answer, one count places the bracket, and kthvalue runs on the
-    bracket's few percent only; an unlucky sample falls back to kthvalue, so the result never
-    depends on the sample.
+    for one 11008×16 factor). A seeded sample brackets the answer, one count places the bracket,
+    and kthvalue runs on the bracket's few percent only; an unlucky sample falls back to kthvalue,
+    so the result never depends on the sample.
     """
     flat = x.reshape(-1)
     n = flat.numel()
@@ -69,26 +68,33 @@ def kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
     return torch.kthvalue(flat, j).values
 
 
+def keep_count(n: int, density: float) -> int:
+    """PEFT's k for magnitude pruning of n values: int(density · n), within [0, n]."""
+    return min(max(int(density * n), 0), n)
+
+
 def magnitude_threshold(absx: torch.Tensor, density: float) -> tuple[float, int]:
     """(t, ties): keeping |x| > t plus the first `ties` values equal to t keeps PEFT's top-k set,
-    with k = int(density · numel)."""
+    with k = keep_count(numel, density)."""
     n = absx.numel()
-    k = int(density * n)
-    if k <= 0:
+    k = keep_count(n, density)
+    if k == 0:
         return float("inf"), 0
-    if k >= n:
+    if k == n:
         return float("-inf"), 0
     t = kth_smallest(absx, n - k + 1)
     return float(t), k - int(torch.count_nonzero(absx > t))
 
 
-def threshold_mask(absx: torch.Tensor, t: float, ties: int) -> tuple[torch.Tensor, int]:
+def threshold_mask(absx: torch.Tensor, t: float, ties: int, out: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, int]:
     """(mask, taken): values above t, plus the first `ties` values equal to t in flat (row-major)
-    order; `taken` is how many ties it used, for the next block of the same tensor."""
-    mask = absx > t
-    if ties <= 0:
+    order; `taken` is how many ties it used, for the next block of the same tensor. With `out`
+    (which may be absx itself) the mask is written there in out's dtype, e.g. as 0/1 floats."""
+    at = torch.nonzero(absx.reshape(-1) == t).reshape(-1)[:ties] if ties > 0 else None  # few: t is a value
+    mask = torch.gt(absx, t, out=out) if out is not None else absx > t
+    if at is None:
         return mask, 0
-    at = torch.nonzero(absx.reshape(-1) == t).reshape(-1)[:ties]  # few: t is one value of the tensor
     mask.reshape(-1)[at] = True
     return mask, at.numel()
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import SELECT_DIRECT, Combine, bracket, random_mask, sample_size
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, keep_count, random_mask, sample_size,
+                                           threshold_mask)
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -33,10 +34,10 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
     """_primitives.magnitude_threshold of adapter f's |delta|, computed over row blocks."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
-    k = int(density * total)
-    if k <= 0:
+    k = keep_count(total, density)
+    if k == 0:
         return float("inf"), 0
-    if k >= total:
+    if k == total:
         return float("-inf"), 0
     j = total - k + 1  # the threshold is the j-th smallest |value|
     if total > SELECT_DIRECT:
@@ -82,7 +83,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     out = torch.empty(m, n, dtype=torch.float32, device=inputs[0].a.device)
     kept = 0
     if prune == "magnitude":  # exactly PEFT's k per adapter, by construction of the thresholds
-        kept = len(inputs) * min(max(int(density * m * n), 0), m * n)
+        kept = len(inputs) * keep_count(m * n, density)
     energy = 0.0
     # In-place, float-mask forms of _primitives' prune → elect_sign → disjoint_merge: the same values
     # (x·1.0 and x·0.0 are what PEFT's bool masks give), in a third of the passes over the blocks.
@@ -96,15 +97,9 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
         for i, f in enumerate(inputs):
             _rows(f, r0, r1, out=stack[i])
             if prune == "magnitude":
-                keep = torch.abs(stack[i], out=keep_buf[:rows])
-                t = thresholds[i][0]
-                ties = None
-                if ties_left[i] > 0:  # the first values equal to t, in flat order (see threshold_mask)
-                    ties = torch.nonzero(keep.reshape(-1) == t).reshape(-1)[:ties_left[i]]
-                    ties_left[i] -= ties.numel()
-                torch.gt(keep, t, out=keep)
-                if ties is not None:
-                    keep.reshape(-1)[ties] = 1.0
+                absx = torch.abs(stack[i], out=keep_buf[:rows])
+                keep, taken = threshold_mask(absx, thresholds[i][0], ties_left[i], out=absx)
+                ties_left[i] -= taken
                 stack[i].mul_(keep)
             elif prune == "random":
                 mask = random_mask(stack[i].shape, density, gens[i], device)
