@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from proctree import Measured, run_measured  # noqa: E402
 
+from distmerge import lora  # noqa: E402
 from distmerge.demo import LLAMA_TARGETS, write_llama_adapter  # noqa: E402
 from distmerge.methods import registry  # noqa: E402
 
@@ -190,8 +191,7 @@ def extrapolate(peft: dict, shapes: dict[str, tuple[int, int]]) -> dict:
 # ---------------------------------------------------------------- agreement
 def _delta(directory: str, module: str) -> torch.Tensor:
     cfg = json.load(open(os.path.join(directory, "adapter_config.json")))
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    scale = lora.scaling(cfg["lora_alpha"], cfg["r"], bool(cfg.get("use_rslora")))
     with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
         a = f.get_tensor(f"base_model.model.{module}.lora_A.weight").double()
         b = f.get_tensor(f"base_model.model.{module}.lora_B.weight").double()

@@ -68,5 +68,5 @@ class TensorReader:
         if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise MergeError(f"adapter {owner!r}: tensor {info.name!r} in {info.file} has {bad} NaN/Inf "
-                                 f"value(s) of {t.numel()}; repair or retrain the adapter, or drop it from adapters")
+                             f"value(s) of {t.numel()}; repair or retrain the adapter, or drop it from adapters")
         return t
