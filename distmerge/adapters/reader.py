@@ -43,10 +43,9 @@ class TensorReader:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def load_raw(self, info: TensorInfo, owner: str) -> torch.Tensor:
-        """The tensor in its stored dtype (pass-through tensors are copied, not merged)."""
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+    def read_into(self, info: TensorInfo, owner: str, out: torch.Tensor) -> None:
+        """Tensor info's stored bytes into `out` (uint8, info.nbytes long), e.g. a slot of a reused buffer."""
+        view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
         done = 0
         try:
             fd = self._fd(info.file)
@@ -60,13 +59,15 @@ class TensorReader:
         except OSError as e:
             raise MergeError(f"adapter {owner!r}: cannot read tensor {info.name!r} from {info.file}: "
                              f"{e.strerror or e}; check that the file exists and is readable") from None
+
+    def load_raw(self, info: TensorInfo, owner: str) -> torch.Tensor:
+        """The tensor in its stored dtype, in a buffer of its own (pass-through tensors are copied, not merged)."""
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.read_into(info, owner, buf)
         return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
-    def load(self, info: TensorInfo, owner: str) -> torch.Tensor:
-        """The tensor as float32 on CPU; MergeError naming adapter and tensor if not finite."""
-        t = self.load_raw(info, owner).float()
-        if not all_finite(t):
-            bad = int((~torch.isfinite(t)).sum())
-            raise MergeError(f"adapter {owner!r}: tensor {info.name!r} in {info.file} has {bad} NaN/Inf "
-                             f"value(s) of {t.numel()}; repair or retrain the adapter, or drop it from adapters")
-        return t
+
+def non_finite_error(t: torch.Tensor, info: TensorInfo, owner: str) -> MergeError:
+    bad = int((~torch.isfinite(t)).sum())
+    return MergeError(f"adapter {owner!r}: tensor {info.name!r} in {info.file} has {bad} NaN/Inf "
+                      f"value(s) of {t.numel()}; repair or retrain the adapter, or drop it from adapters")
