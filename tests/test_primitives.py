@@ -6,8 +6,10 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft_mu
 
+from distmerge.methods import _primitives
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, disjoint_merge, elect_sign, magnitude_mask,
-                                           kth_smallest, magnitude_threshold, random_mask, threshold_mask)
+                                           kth_smallest, magnitude_threshold, random_mask, select_rows, stack,
+                                           threshold_mask)
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
 from distmerge.methods.base import Factors
 
@@ -42,6 +44,63 @@ def test_kth_smallest_is_kthvalue(data):
          "constant": torch.full((n,), 0.25), "ascending": torch.arange(n, dtype=torch.float32)}[data]
     for j in (1, 2, n // 3, n // 2, n - 1, n):
         assert kth_smallest(x.reshape(-1, 7 if n % 7 == 0 else 1), j) == torch.kthvalue(x, j).values, j
+
+
+def _rows(data: str, rows: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return {"randn": lambda: torch.randn(rows, n, generator=g).abs(),
+            "few_values": lambda: torch.randint(0, 5, (rows, n), generator=g).float(),
+            "zeros": lambda: torch.zeros(rows, n),
+            "ascending": lambda: torch.arange(rows * n, dtype=torch.float32).reshape(rows, n)}[data]()
+
+
+@pytest.mark.parametrize("device_path", ["numpy", "torch"])
+@pytest.mark.parametrize("data", ["randn", "few_values", "zeros", "ascending"])
+def test_select_rows_is_kthvalue_per_row(data, device_path, monkeypatch):
+    """Both implementations (numpy on the CPU, torch elsewhere) give each row's exact j-th value and counts."""
+    x = _rows(data, 3, SELECT_DIRECT * 2 + 5)
+    if device_path == "torch":  # the path a GPU takes, run on the CPU
+        monkeypatch.setattr(_primitives, "_select_numpy",
+                            lambda a, j, idx: _primitives._select_torch(torch.from_numpy(a), j, torch.from_numpy(idx)))
+    for j in (1, x.shape[1] // 3, x.shape[1] // 2 + 1, x.shape[1]):
+        values, greater, equal = select_rows(x, j)
+        t = torch.kthvalue(x, j, dim=1).values[:, None]
+        assert values == t[:, 0].tolist()
+        assert greater == (x > t).sum(1).tolist() and equal == (x == t).sum(1).tolist()
+
+
+def test_select_rows_falls_back_when_the_sample_misses(monkeypatch):
+    x = _rows("randn", 2, SELECT_DIRECT * 2)
+    monkeypatch.setattr(_primitives, "_bracket_positions", lambda size, q: (0, 0))  # a bracket at the minimum
+    j = x.shape[1] // 2
+    assert select_rows(x, j)[0] == torch.kthvalue(x, j, dim=1).values.tolist()
+
+
+def test_stack_is_a_view_of_back_to_back_tensors():
+    buf = torch.randn(4 * 6)
+    parts = [buf[i * 6:(i + 1) * 6].view(2, 3) for i in range(4)]
+    s = stack(parts)
+    assert torch.equal(s, torch.stack(parts)) and s.data_ptr() == buf.data_ptr()
+    shuffled = [parts[1], parts[0], parts[2], parts[3]]  # not in buffer order: a copy
+    s = stack(shuffled)
+    assert torch.equal(s, torch.stack(shuffled)) and s.data_ptr() != buf.data_ptr()
+
+
+@pytest.mark.parametrize("recipe,peft_fn", [
+    (Combine(), lambda t, w: peft_mu.task_arithmetic(t, w)),
+    (Combine(prune="magnitude", elect_sign=True), lambda t, w: peft_mu.ties(t, w, 0.3, "frequency")),
+    (Combine(prune="magnitude"), lambda t, w: peft_mu.magnitude_prune(t, w, 0.3)),
+])
+def test_combine_matches_peft_on_factor_sized_inputs(recipe, peft_fn):
+    """Inputs as a worker holds them (back to back in one buffer, past the direct-selection size, one
+    of them all zeros like an untrained lora_B): PEFT's exact result, bit for bit."""
+    n = SELECT_DIRECT * 3
+    buf = torch.randn(4 * n, generator=torch.Generator().manual_seed(4))
+    buf[3 * n:] = 0
+    tensors = [buf[i * n:(i + 1) * n].view(16, -1) for i in range(4)]
+    weights = [0.5, -0.25, 1.5, 1.0]
+    ours, _ = combine(tensors, weights, recipe, density=0.3, sign_method="frequency")
+    assert torch.equal(ours, peft_fn(tensors, torch.tensor(weights)))
 
 
 @pytest.mark.parametrize("method", ["total", "frequency"])

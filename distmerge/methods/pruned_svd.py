@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, keep_count, random_mask, sample_size,
-                                           threshold_mask)
+                                           threshold_mask, ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -85,8 +85,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     if prune == "magnitude":  # exactly PEFT's k per adapter, by construction of the thresholds
         kept = len(inputs) * keep_count(m * n, density)
     energy = 0.0
-    # In-place, float-mask forms of _primitives' prune → elect_sign → disjoint_merge: the same values
-    # (x·1.0 and x·0.0 are what PEFT's bool masks give), in a third of the passes over the blocks.
+    # In place, with 0/1 float masks: the values of PEFT's bool masks, in a third of the passes.
     device = inputs[0].a.device
     stack_buf = torch.empty(len(inputs), block, n, dtype=torch.float32, device=device)
     keep_buf = torch.empty(block, n, dtype=torch.float32, device=device)
@@ -105,12 +104,8 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
                 mask = random_mask(stack[i].shape, density, gens[i], device)
                 stack[i].mul_(mask).div_(density)
                 kept += int(torch.count_nonzero(mask))
-        if recipe.elect_sign:  # PEFT: sign(x) == majority sign, voted on the unweighted values
-            agree = torch.sign(stack, out=agree_buf[:, :rows])
-            votes = stack.sum(dim=0) if ctx.spec.majority_sign_method == "total" else agree.sum(dim=0)
-            torch.eq(agree, torch.where(votes >= 0, 1.0, -1.0), out=agree)
-            torch.sum(stack.mul_(weights.view(-1, 1, 1)).mul_(agree), dim=0, out=out[r0:r1])
-            out[r0:r1].div_(agree.sum(dim=0).clamp_(min=1.0))
+        if recipe.elect_sign:
+            ties_merge_(stack, weights, ctx.spec.majority_sign_method, agree_buf[:, :rows], out[r0:r1])
         else:
             torch.sum(stack.mul_(weights.view(-1, 1, 1)), dim=0, out=out[r0:r1])
         energy += float(torch.linalg.vector_norm(out[r0:r1], dtype=torch.float64)) ** 2
