@@ -26,11 +26,14 @@ def test_benchmark_smoke(tmp_path):
     for (method, algorithm), r in rows.items():
         assert r["wall_s"] > 0 and r["peak_rss"] > 0 and r["peft_wall_s"] > 0 and r["peft_peak_rss"] > 0
         assert r["peft_extrapolated"] == (method in ("svd", "ties_svd"))
+        assert set(r["phases"]) == {"read", "math", "write"} and sum(r["phases"].values()) <= r["merge_s"]
         if method == "dare_ties" or algorithm == "randomized":
             assert r["agreement"] is None  # PEFT's DARE is unseeded; randomized is not PEFT's algorithm
         else:
             # PEFT's cat writes into bf16 weights on a bf16 base; every other method keeps float32
             assert r["agreement"] < (1e-2 if method == "cat" else 1e-3), (method, r["agreement"])
     assert 0.999 <= rows[("ties_svd", "randomized")]["trunc_ratio"] < 1.5  # exact is optimal, up to rounding
+    assert results["read_once_s"] > 0
     report = (tmp_path / "benchmarks.md").read_text()
+    assert "merge / read once" in report
     assert all(f"| {m} |" in report for m in methods) and "~ PEFT merged a sample of 3 modules" in report
