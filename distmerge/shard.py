@@ -97,7 +97,7 @@ class InputBuffer:
         tensors = [(s.a, s) for s in job.sources] + [(s.b, s) for s in job.sources]  # all A's, then all B's
         total = sum(math.prod(info.shape) for info, _ in tensors)
         self._floats = self._grow(self._floats, total)
-        slots, pos = [], 0
+        spans, pos = [], 0
         for info, s in tensors:
             n = math.prod(info.shape)
             slot = self._floats[pos:pos + n]
@@ -108,17 +108,14 @@ class InputBuffer:
                 raw = self._raw[:info.nbytes]
                 reader.read_into(info, s.adapter_name, raw)
                 slot.copy_(raw.view(TORCH_DTYPES[info.dtype]))
-            slots.append(slot)
+            spans.append((pos, pos + n))
             pos += n
         if not all_finite(self._floats[:total]):  # one reduction per module; name the tensor only on failure
-            for (info, s), slot in zip(tensors, slots):
-                if not all_finite(slot):
-                    raise non_finite_error(slot, info, s.adapter_name)
+            for (info, s), (p0, p1) in zip(tensors, spans):
+                if not all_finite(self._floats[p0:p1]):
+                    raise non_finite_error(self._floats[p0:p1], info, s.adapter_name)
         block = self._floats[:total].to(device)  # one transfer per module on a GPU
-        views, pos = [], 0
-        for slot in slots:
-            views.append(block[pos:pos + slot.numel()])
-            pos += slot.numel()
+        views = [block[p0:p1] for p0, p1 in spans]
         count = len(job.sources)
         return [Factors(a.view(s.rank, -1), b.view(-1, s.rank), s.scaling, s.weight, s.adapter)
                 for s, a, b in zip(job.sources, views[:count], views[count:])]

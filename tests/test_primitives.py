@@ -7,9 +7,8 @@ import torch
 from peft.utils import merge_utils as peft_mu
 
 from distmerge.methods import _primitives
-from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, disjoint_merge, elect_sign, magnitude_mask,
-                                           kth_smallest, magnitude_threshold, random_mask, select_rows, stack,
-                                           threshold_mask)
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, kth_smallest, magnitude_threshold,
+                                           prune_rows, random_mask, select_rows, stack, threshold_mask, ties_merge_)
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
 from distmerge.methods.base import Factors
 
@@ -17,14 +16,14 @@ from distmerge.methods.base import Factors
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.99, 1.0])
 def test_magnitude_mask_is_peft_topk_set(density):
     x = torch.randn(37, 53, generator=torch.Generator().manual_seed(1))
-    ours = x * magnitude_mask(x, density)
+    ours = prune_rows(x.reshape(1, -1), density, "magnitude")[0].reshape(x.shape)
     theirs = peft_mu.prune(x, density, "magnitude")
     assert torch.equal(ours, theirs)
 
 
 def test_ties_at_threshold_keep_lowest_indices():
     x = torch.tensor([3.0, 1.0, -2.0, 2.0, 2.0, -2.0, 0.5])
-    mask = magnitude_mask(x, 3 / 7)  # k = 3: the 3 and the first two of the four 2s
+    mask = prune_rows(x[None], 3 / 7, "magnitude")[0][0] != 0  # k = 3: the 3 and the first two of the four 2s
     assert mask.tolist() == [True, False, True, True, False, False, False]
     t, ties = magnitude_threshold(x.abs(), 3 / 7)
     assert (t, ties) == (2.0, 2)
@@ -60,8 +59,7 @@ def test_select_rows_is_kthvalue_per_row(data, device_path, monkeypatch):
     """Both implementations (numpy on the CPU, torch elsewhere) give each row's exact j-th value and counts."""
     x = _rows(data, 3, SELECT_DIRECT * 2 + 5)
     if device_path == "torch":  # the path a GPU takes, run on the CPU
-        monkeypatch.setattr(_primitives, "_select_numpy",
-                            lambda a, j, idx: _primitives._select_torch(torch.from_numpy(a), j, torch.from_numpy(idx)))
+        monkeypatch.setattr(_primitives, "_backend", lambda x: (x, _primitives._torch_kth, torch.count_nonzero))
     for j in (1, x.shape[1] // 3, x.shape[1] // 2 + 1, x.shape[1]):
         values, greater, equal = select_rows(x, j)
         t = torch.kthvalue(x, j, dim=1).values[:, None]
@@ -104,12 +102,13 @@ def test_combine_matches_peft_on_factor_sized_inputs(recipe, peft_fn):
 
 
 @pytest.mark.parametrize("method", ["total", "frequency"])
-def test_elect_sign_and_disjoint_merge_match_peft(method):
+def test_ties_merge_matches_peft_sign_election_and_disjoint_merge(method):
     g = torch.Generator().manual_seed(2)
     stacked = torch.randn(4, 9, 7, generator=g)
-    mask = elect_sign(stacked, method)
-    assert torch.equal(mask, peft_mu.calculate_majority_sign_mask(stacked, method))
-    assert torch.equal(disjoint_merge(stacked, mask), peft_mu.disjoint_merge(stacked, mask))
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    mask = peft_mu.calculate_majority_sign_mask(stacked, method)
+    theirs = peft_mu.disjoint_merge(stacked * weights.view(-1, 1, 1), mask)
+    assert torch.equal(ties_merge_(stacked.clone(), weights, method), theirs)
 
 
 @pytest.mark.parametrize("recipe,peft_fn", [

@@ -53,17 +53,27 @@ def select_rows(x: torch.Tensor, j: int) -> tuple[list[float], list[int], list[i
     0.6 s for an 11008×4096 delta). A seeded sample of columns brackets each row's answer, one pass
     counts what lies below the bracket and gathers what lies inside, and the selection runs on that
     band of a few percent only; a row the sample misses falls back to the whole row, so the result
-    never depends on the sample. On the CPU the passes are numpy's, whose boolean scans are 5-20×
-    torch's here (measured); elsewhere torch's.
+    never depends on the sample.
     """
     rows, n = x.shape
     if n <= SELECT_DIRECT:
         return _select_direct(x, j)
     gen = torch.Generator().manual_seed(n)
     idx = torch.randint(n, (sample_size(n),), generator=gen)
+    data, kth, count = _backend(x)
+    return _select_each_row(data, j, idx.numpy() if isinstance(data, np.ndarray) else idx.to(x.device), kth, count)
+
+
+def _backend(x: torch.Tensor):
+    """(x as the backend holds it, kth(a, i): a's i-th smallest (1-based), count(mask)): numpy on the
+    CPU, whose boolean scans are 5-20× torch's here (measured); torch on a GPU."""
     if x.device.type == "cpu":
-        return _select_numpy(x.numpy(), j, idx.numpy())
-    return _select_torch(x, j, idx.to(x.device))
+        return x.numpy(), lambda a, i: np.partition(a, i - 1)[i - 1], np.count_nonzero
+    return x, _torch_kth, torch.count_nonzero
+
+
+def _torch_kth(a: torch.Tensor, i: int) -> torch.Tensor:
+    return torch.kthvalue(a, i).values
 
 
 def _select_direct(x: torch.Tensor, j: int) -> tuple[list[float], list[int], list[int]]:
@@ -78,39 +88,22 @@ def _bracket_positions(size: int, q: float) -> tuple[int, int]:
     return max(0, math.floor((q - margin) * size)), min(size - 1, math.ceil((q + margin) * size))
 
 
-def _select_numpy(x: np.ndarray, j: int, idx: np.ndarray) -> tuple[list[float], list[int], list[int]]:
+def _select_each_row(x, j: int, idx, kth, count) -> tuple[list[float], list[int], list[int]]:
+    """select_rows' bracketing, written once for numpy arrays and torch tensors (see _backend)."""
     n = x.shape[1]
-    lo_i, hi_i = _bracket_positions(idx.size, j / n)
-    values, greater, equal = [], [], []
-    for row in x:
-        sample = np.partition(row[idx], (lo_i, hi_i))
-        lo, hi = sample[lo_i], sample[hi_i]
-        below = int(np.count_nonzero(row < lo))
-        band = row[(row >= lo) & (row <= hi)]
-        if not below < j <= below + band.size:  # the sample missed: select on the whole row
-            below, band = 0, row
-        t = np.partition(band, j - below - 1)[j - below - 1]
-        values.append(float(t))
-        greater.append(n - below - band.size + int(np.count_nonzero(band > t)))
-        equal.append(int(np.count_nonzero(band == t)))
-    return values, greater, equal
-
-
-def _select_torch(x: torch.Tensor, j: int, idx: torch.Tensor) -> tuple[list[float], list[int], list[int]]:
-    n = x.shape[1]
-    lo_i, hi_i = _bracket_positions(idx.numel(), j / n)
+    lo_i, hi_i = _bracket_positions(len(idx), j / n)
     values, greater, equal = [], [], []
     for row in x:
         sample = row[idx]
-        lo, hi = torch.kthvalue(sample, lo_i + 1).values, torch.kthvalue(sample, hi_i + 1).values
-        below = int(torch.count_nonzero(row < lo))
+        lo, hi = kth(sample, lo_i + 1), kth(sample, hi_i + 1)
+        below = int(count(row < lo))
         band = row[(row >= lo) & (row <= hi)]
-        if not below < j <= below + band.numel():
+        if not below < j <= below + len(band):  # the sample missed: select on the whole row
             below, band = 0, row
-        t = torch.kthvalue(band, j - below).values
+        t = kth(band, j - below)
         values.append(float(t))
-        greater.append(n - below - band.numel() + int(torch.count_nonzero(band > t)))
-        equal.append(int(torch.count_nonzero(band == t)))
+        greater.append(n - below - len(band) + int(count(band > t)))
+        equal.append(int(count(band == t)))
     return values, greater, equal
 
 
@@ -156,21 +149,10 @@ def threshold_mask(absx: torch.Tensor, t: float, ties: int, out: torch.Tensor | 
     return mask, at.numel()
 
 
-def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    absx = x.abs()
-    return threshold_mask(absx, *magnitude_threshold(absx, density))[0]
-
-
 def random_mask(shape: Sequence[int], density: float, generator: torch.Generator,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Bernoulli(density) keep-mask drawn on the CPU generator, so every device gets the same bits."""
     return (torch.rand(tuple(shape), generator=generator) < density).to(device)
-
-
-def elect_sign(stacked: torch.Tensor, method: str) -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected one (stacked on dim 0, before weighting)."""
-    sign = stacked.sign()
-    return sign == _elected(stacked, sign, method).to(stacked.dtype)
 
 
 def _elected(stacked: torch.Tensor, sign: torch.Tensor, method: str) -> torch.Tensor:
@@ -183,17 +165,12 @@ def _elected(stacked: torch.Tensor, sign: torch.Tensor, method: str) -> torch.Te
     return torch.where(votes >= 0, 1.0, -1.0)
 
 
-def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the tasks that agree with the elected sign (zero where none does)."""
-    m = mask.to(weighted.dtype)  # as PEFT's bool arithmetic promotes, converted once
-    return (weighted * m).sum(dim=0) / m.sum(dim=0).clamp_(min=1.0)
-
-
 def ties_merge_(pruned: torch.Tensor, weights: torch.Tensor, method: str, agree: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """elect_sign then disjoint_merge of the weighted values, in place: `pruned` (stacked on dim 0) is
-    overwritten, `agree` is scratch of its shape. The same values as the two functions (a 0/1 float
-    mask multiplies as PEFT's bool mask promotes), in a third of the passes."""
+    """PEFT's TIES tail, in place: elect the majority sign of the pruned values (stacked on dim 0), then
+    average the weighted values that agree with it (disjoint merge). `pruned` is overwritten, `agree`
+    is scratch of its shape. PEFT's values (a 0/1 float mask multiplies as its bool mask promotes),
+    in a third of the passes."""
     agree = torch.sign(pruned, out=agree)
     torch.eq(agree, _elected(pruned, agree, method), out=agree)  # voted on the unweighted values, as PEFT
     out = torch.sum(pruned.mul_(weights.view((-1,) + (1,) * (pruned.dim() - 1))).mul_(agree), dim=0, out=out)
