@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -24,7 +25,7 @@ from distmerge.errors import MergeError
 from distmerge.methods import registry
 from distmerge.methods.base import Factors, ModuleContext
 from distmerge.output.safetensors_io import Spec, StreamWriter
-from distmerge.plan import ModuleJob, ShardTask
+from distmerge.plan import ModuleJob, ShardTask, Source
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,11 @@ def task_specs(task: ShardTask) -> list[Spec]:
 
 
 class InputBuffer:
-    """One module's input factors, read back to back into a float32 buffer the shard reuses.
+    """One module's input factors, read back to back into a float32 buffer a worker reuses.
 
     Fresh buffers per tensor cost a page fault every 4 KiB, which was 3/4 of the read time (measured);
-    this one grows to the largest module once. Back to back, the A's (and the B's) of equal rank form
+    this one grows to the largest module once per worker, not once per shard: an executor keeps one
+    for every shard it runs in a process. Back to back, the A's (and the B's) of equal rank form
     the stacked tensor the merge methods want, so `_primitives.stack` takes them without a copy.
     The views it hands out are valid until the next module is read: outputs are written before that.
     """
@@ -93,8 +95,17 @@ class InputBuffer:
     def _grow(buf: torch.Tensor, n: int) -> torch.Tensor:
         return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype)
 
+    @staticmethod
+    def _tensors(job: ModuleJob) -> list[tuple[TensorInfo, Source]]:
+        return [(s.a, s) for s in job.sources] + [(s.b, s) for s in job.sources]  # all A's, then all B's
+
+    def reserve(self, jobs: Sequence[ModuleJob]) -> None:
+        """Grow once to the largest of these modules: growing module by module faulted in each size."""
+        self._floats = self._grow(self._floats, max((sum(math.prod(i.shape) for i, _ in self._tensors(j))
+                                                     for j in jobs), default=0))
+
     def read(self, job: ModuleJob, reader: TensorReader, device: torch.device) -> list[Factors]:
-        tensors = [(s.a, s) for s in job.sources] + [(s.b, s) for s in job.sources]  # all A's, then all B's
+        tensors = self._tensors(job)
         total = sum(math.prod(info.shape) for info, _ in tensors)
         self._floats = self._grow(self._floats, total)
         spans, pos = [], 0
@@ -154,8 +165,9 @@ def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: 
     return a, b, {"rank": float(job.rank), "delta_norm": norm, **merged.stats}
 
 
-def merge_shard(task: ShardTask) -> ShardResult:
-    """Merge one shard task and write its part file; returns metadata only.
+def merge_shard(task: ShardTask, buffer: InputBuffer | None = None) -> ShardResult:
+    """Merge one shard task and write its part file; returns metadata only. `buffer` is the worker's
+    reusable input memory; the result does not depend on it.
 
     The math runs on task.threads threads wherever it runs: LAPACK and BLAS results depend on the thread
     count, and one config must give the same bytes on every executor.
@@ -163,18 +175,18 @@ def merge_shard(task: ShardTask) -> ShardResult:
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
-        return _merge_shard(task)
+        return _merge_shard(task, buffer or InputBuffer())
     finally:
         torch.set_num_threads(threads)
 
 
-def _merge_shard(task: ShardTask) -> ShardResult:
+def _merge_shard(task: ShardTask, buffer: InputBuffer) -> ShardResult:
     start = time.perf_counter()
     device = resolve_device(task.device)
     path = os.path.join(task.staging, "_parts", task.part_name)
     stats = []
     phase = Phases(device)
-    buffer = InputBuffer()
+    buffer.reserve(task.modules)
     with StreamWriter(path, task_specs(task), digest=False) as writer, TensorReader() as reader:
         for job in task.modules:
             a, b, s = merge_module(job, task, reader, device, phase, buffer)

@@ -12,6 +12,7 @@ OnResult = Callable[[ShardTask, ShardResult], None]
 
 class Executor(Protocol):
     name: str
+    in_process: bool  # runs shards on the driver's own cores
 
     @property
     def parallelism(self) -> int:

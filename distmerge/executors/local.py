@@ -6,23 +6,27 @@ from typing import Sequence
 
 from distmerge.executors.base import OnResult
 from distmerge.plan import ShardTask
-from distmerge.shard import ShardResult, merge_shard
+from distmerge.shard import InputBuffer, ShardResult, merge_shard
 
 
 class LocalExecutor:
     name = "local"
     parallelism = 1
+    in_process = True  # shares the driver's cores: the driver hashes inputs after the merge, not alongside
+
+    def __init__(self) -> None:
+        self._buffer = InputBuffer()  # one worker's input memory, kept from shard to shard
 
     def __enter__(self) -> "LocalExecutor":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self._buffer = InputBuffer()  # give the memory back
 
     def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
         results = []
         for task in tasks:
-            result = merge_shard(task)
+            result = merge_shard(task, self._buffer)
             on_result(task, result)
             results.append(result)
         return results
