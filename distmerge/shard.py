@@ -160,9 +160,12 @@ def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: 
         names = ", ".join(s.adapter_name for s in job.sources)
         raise MergeError(f"module {job.module!r}: the {task.method} merge of {names} produced NaN/Inf; "
                          f"check the weights and the inputs' magnitudes")
-    # ‖B·A‖_F without forming B·A: √ sum((BᵀB) ∘ (AAᵀ))
-    norm = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
-    return a, b, {"rank": float(job.rank), "delta_norm": norm, **merged.stats}
+    stats = {"rank": float(job.rank), **merged.stats}
+    if job.rank <= max(s.rank for s in job.sources):
+        # ‖B·A‖_F without forming B·A: √ sum((BᵀB) ∘ (AAᵀ)), O((m+n)·rank²). For cat (rank Σrᵢ) that is
+        # more than the merge itself and grows with the square of the adapter count, so cat has none.
+        stats["delta_norm"] = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+    return a, b, stats
 
 
 def merge_shard(task: ShardTask, buffer: InputBuffer | None = None) -> ShardResult:

@@ -101,6 +101,9 @@ def test_rank_pattern_only_where_rank_differs(adapter_sets, tmp_path):
     assert cfg["rank_pattern"] == cfg["alpha_pattern"] == {f"model.layers.{i}.self_attn.o_proj": 4 for i in range(2)}
     assert cfg["target_modules"] == ["o_proj", "q_proj", "up_proj", "v_proj"]
     assert cfg["use_rslora"] is False and cfg["base_model_name_or_path"] == "tiny-base"
+    # ‖B·A‖ costs O(rank²): kept where a module is one adapter's rank 4, dropped where cat makes it 8
+    stats = json.loads((tmp_path / "out" / "distmerge.json").read_text())["modules"]
+    assert {m: "delta_norm" in s for m, s in stats.items()} == {m: s["rank"] == 4 for m, s in stats.items()}
 
 
 def test_modules_to_save_in_one_adapter_is_carried(adapter_sets, tmp_path):
