@@ -27,6 +27,8 @@ def test_benchmark_smoke(tmp_path):
         assert r["wall_s"] > 0 and r["peak_rss"] > 0 and r["peft_wall_s"] > 0 and r["peft_peak_rss"] > 0
         assert r["peft_extrapolated"] == (method in ("svd", "ties_svd"))
         assert set(r["phases"]) == {"read", "math", "write"} and sum(r["phases"].values()) <= r["merge_s"]
+        runs = r["merge_runs_s"]  # the merge-vs-read targets take the fastest of 5, as the read baseline does
+        assert len(runs) == (5 if method in ("linear", "cat", "dare_ties") else 1) and r["merge_s"] == min(runs)
         if method == "dare_ties" or algorithm == "randomized":
             assert r["agreement"] is None  # PEFT's DARE is unseeded; randomized is not PEFT's algorithm
         else:
