@@ -99,14 +99,17 @@ class InputBuffer:
     def _tensors(job: ModuleJob) -> list[tuple[TensorInfo, Source]]:
         return [(s.a, s) for s in job.sources] + [(s.b, s) for s in job.sources]  # all A's, then all B's
 
+    @classmethod
+    def _numel(cls, job: ModuleJob) -> int:
+        return sum(math.prod(info.shape) for info, _ in cls._tensors(job))
+
     def reserve(self, jobs: Sequence[ModuleJob]) -> None:
         """Grow once to the largest of these modules: growing module by module faulted in each size."""
-        self._floats = self._grow(self._floats, max((sum(math.prod(i.shape) for i, _ in self._tensors(j))
-                                                     for j in jobs), default=0))
+        self._floats = self._grow(self._floats, max(map(self._numel, jobs), default=0))
 
     def read(self, job: ModuleJob, reader: TensorReader, device: torch.device) -> list[Factors]:
         tensors = self._tensors(job)
-        total = sum(math.prod(info.shape) for info, _ in tensors)
+        total = self._numel(job)
         self._floats = self._grow(self._floats, total)
         spans, pos = [], 0
         for info, s in tensors:
@@ -132,13 +135,11 @@ class InputBuffer:
                 for s, a, b in zip(job.sources, views[:count], views[count:])]
 
 
-def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device,
-                 phase: Phases | None = None, buffer: InputBuffer | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device, phase: Phases,
+                 buffer: InputBuffer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One module: (lora_A, lora_B) in their saved layout and dtype, and the module's stats."""
-    phase = phase or Phases(device)
     with phase("read"):
-        inputs = (buffer or InputBuffer()).read(job, reader, device)
+        inputs = buffer.read(job, reader, device)
     with phase("math"):
         a, b, stats = _merge_math(job, task, inputs, device)
     with phase("write"):

@@ -7,7 +7,7 @@ import torch
 from peft.utils import merge_utils as peft_mu
 
 from distmerge.methods import _primitives
-from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, kth_smallest, magnitude_threshold,
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, kth_smallest, magnitude_thresholds,
                                            prune_rows, random_mask, select_rows, stack, threshold_mask, ties_merge_)
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
 from distmerge.methods.base import Factors
@@ -25,8 +25,8 @@ def test_ties_at_threshold_keep_lowest_indices():
     x = torch.tensor([3.0, 1.0, -2.0, 2.0, 2.0, -2.0, 0.5])
     mask = prune_rows(x[None], 3 / 7, "magnitude")[0][0] != 0  # k = 3: the 3 and the first two of the four 2s
     assert mask.tolist() == [True, False, True, True, False, False, False]
-    t, ties = magnitude_threshold(x.abs(), 3 / 7)
-    assert (t, ties) == (2.0, 2)
+    [(t, ties, equal)] = magnitude_thresholds(x.abs()[None], 3 / 7)
+    assert (t, ties, equal) == (2.0, 2, 4)
     # split into blocks, the tie budget carries over in flat order
     first, taken = threshold_mask(x[:3].abs(), t, ties)
     second, _ = threshold_mask(x[3:].abs(), t, ties - taken)
@@ -188,4 +188,4 @@ def test_blockwise_threshold_is_the_whole_delta_threshold(monkeypatch, force_fal
     whole = torch.cat([pruned_svd._rows(f, r0, r1) for r0, r1 in spans]).abs()
     for density in (0.1, 0.5, 0.9):
         got = pruned_svd.magnitude_threshold(f, spans, density, torch.Generator().manual_seed(1))
-        assert got == magnitude_threshold(whole, density)
+        assert got == magnitude_thresholds(whole.reshape(1, -1), density)[0][:2]

@@ -2,7 +2,7 @@
 
 prune (magnitude or random) → elect sign → weighted sum or disjoint merge. Each takes and returns
 float32 tensors and is tested alone. Differences from PEFT, on purpose:
-- magnitude pruning finds its threshold by selection (`kth_smallest`), not a full topk sort;
+- magnitude pruning finds its threshold by selection (`select_rows`), not a full topk sort;
   PEFT's kept set is the same except among values tied at the threshold, where topk's choice is
   arbitrary and we keep the lowest flat indices, so the result is deterministic;
 - random pruning draws from a seeded CPU generator, so DARE is reproducible on any device.
@@ -129,11 +129,6 @@ def magnitude_thresholds(absx: torch.Tensor, density: float) -> list[tuple[float
         return [(float("-inf"), 0, 0)] * rows
     values, greater, equal = select_rows(absx, n - k + 1)
     return [(t, k - g, e) for t, g, e in zip(values, greater, equal)]
-
-
-def magnitude_threshold(absx: torch.Tensor, density: float) -> tuple[float, int]:
-    """(t, ties) of magnitude_thresholds, for absx as one row."""
-    return magnitude_thresholds(absx.reshape(1, -1), density)[0][:2]
 
 
 def threshold_mask(absx: torch.Tensor, t: float, ties: int, out: torch.Tensor | None = None

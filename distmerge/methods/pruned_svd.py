@@ -31,7 +31,8 @@ def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torc
 
 def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator
                         ) -> tuple[float, int]:
-    """_primitives.magnitude_threshold of adapter f's |delta|, computed over row blocks."""
+    """(t, ties) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed over
+    row blocks."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
     k = keep_count(total, density)
