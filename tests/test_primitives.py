@@ -21,7 +21,15 @@ def test_magnitude_mask_is_peft_topk_set(density):
     assert torch.equal(ours, theirs)
 
 
-def test_ties_at_threshold_keep_lowest_indices():
+def _torch_backend(monkeypatch):
+    """Make the CPU take the path a GPU takes: selection and scans in torch instead of numpy."""
+    monkeypatch.setattr(_primitives, "_backend", lambda x: (x, _primitives._torch_kth, torch.count_nonzero))
+
+
+@pytest.mark.parametrize("device_path", ["numpy", "torch"])
+def test_ties_at_threshold_keep_lowest_indices(device_path, monkeypatch):
+    if device_path == "torch":
+        _torch_backend(monkeypatch)
     x = torch.tensor([3.0, 1.0, -2.0, 2.0, 2.0, -2.0, 0.5])
     mask = prune_rows(x[None], 3 / 7, "magnitude")[0][0] != 0  # k = 3: the 3 and the first two of the four 2s
     assert mask.tolist() == [True, False, True, True, False, False, False]
@@ -58,8 +66,8 @@ def _rows(data: str, rows: int, n: int) -> torch.Tensor:
 def test_select_rows_is_kthvalue_per_row(data, device_path, monkeypatch):
     """Both implementations (numpy on the CPU, torch elsewhere) give each row's exact j-th value and counts."""
     x = _rows(data, 3, SELECT_DIRECT * 2 + 5)
-    if device_path == "torch":  # the path a GPU takes, run on the CPU
-        monkeypatch.setattr(_primitives, "_backend", lambda x: (x, _primitives._torch_kth, torch.count_nonzero))
+    if device_path == "torch":
+        _torch_backend(monkeypatch)
     for j in (1, x.shape[1] // 3, x.shape[1] // 2 + 1, x.shape[1]):
         values, greater, equal = select_rows(x, j)
         t = torch.kthvalue(x, j, dim=1).values[:, None]
@@ -173,11 +181,15 @@ def test_quantile_matches_torch():
         assert float(quantile(x, q)) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6)
 
 
+@pytest.mark.parametrize("device_path", ["numpy", "torch"])
 @pytest.mark.parametrize("force_fallback", [False, True])
-def test_blockwise_threshold_is_the_whole_delta_threshold(monkeypatch, force_fallback):
-    """ties_svd and magnitude_prune_svd find PEFT's top-k threshold without forming the delta whole."""
+def test_blockwise_threshold_is_the_whole_delta_threshold(monkeypatch, force_fallback, device_path):
+    """ties_svd and magnitude_prune_svd find PEFT's top-k threshold, and its ties, without forming the
+    delta whole."""
     from distmerge.methods import pruned_svd
 
+    if device_path == "torch":
+        _torch_backend(monkeypatch)
     g = torch.Generator().manual_seed(9)
     f = Factors(a=torch.randn(8, 512, generator=g), b=torch.randn(640, 8, generator=g), scaling=0.5, weight=1.0,
                 adapter=0)
@@ -188,4 +200,36 @@ def test_blockwise_threshold_is_the_whole_delta_threshold(monkeypatch, force_fal
     whole = torch.cat([pruned_svd._rows(f, r0, r1) for r0, r1 in spans]).abs()
     for density in (0.1, 0.5, 0.9):
         got = pruned_svd.magnitude_threshold(f, spans, density, torch.Generator().manual_seed(1))
-        assert got == magnitude_thresholds(whole.reshape(1, -1), density)[0][:2]
+        assert got == magnitude_thresholds(whole.reshape(1, -1), density)[0]
+
+
+@pytest.mark.parametrize("device_path", ["numpy", "torch"])
+@pytest.mark.parametrize("recipe", [Combine(prune="magnitude"), Combine(prune="magnitude", elect_sign=True)])
+def test_blockwise_merged_delta_is_the_whole_delta_merge(monkeypatch, device_path, recipe):
+    """The pruned SVD methods' row-block merge equals pruning and merging the whole deltas, also where
+    many values tie at the threshold (integer factors) and a tie budget carries from block to block."""
+    from distmerge.methods import pruned_svd
+    from distmerge.config.schema import MergeSpec
+    from distmerge.methods.base import ModuleContext
+
+    if device_path == "torch":
+        _torch_backend(monkeypatch)
+    monkeypatch.setattr(pruned_svd, "BLOCK_ELEMENTS", 3 * 4 * 96)  # rows in blocks of 4 for 3 adapters
+    g = torch.Generator().manual_seed(3)
+    inputs = [Factors(a=torch.randint(-2, 3, (4, 96), generator=g).float(),
+                      b=torch.randint(-2, 3, (200, 4), generator=g).float(), scaling=0.5, weight=w, adapter=i)
+              for i, w in enumerate([0.7, -0.4, 1.1])]
+    assert 200 * 96 > SELECT_DIRECT  # each threshold by bracketing
+    ctx = ModuleContext("m", MergeSpec(method="ties_svd", density=0.37, majority_sign_method="total"), 4)
+    got, _, _ = pruned_svd.merged_delta(inputs, ctx, recipe)
+
+    deltas = torch.stack([f.b @ f.a * f.scaling for f in inputs]).reshape(3, -1)
+    thresholds = magnitude_thresholds(deltas.abs(), 0.37)
+    assert all(ties < equal for _, ties, equal in thresholds)  # the tie scan, across blocks, is exercised
+    pruned, _ = prune_rows(deltas, 0.37, "magnitude")
+    weights = torch.tensor([f.weight for f in inputs])
+    if recipe.elect_sign:
+        want = ties_merge_(pruned, weights, "total")
+    else:
+        want = (pruned * weights[:, None]).sum(0)
+    assert torch.equal(got.reshape(-1), want)

@@ -4,9 +4,9 @@ Pruning acts element-wise on each adapter's delta, so these methods need dense d
 one module's, and only in row blocks: the merged delta is assembled block by block, never holding
 N dense deltas at once as PEFT does. Each adapter's magnitude threshold (PEFT's top-k set) is
 found without forming its delta whole: entries sampled straight from the factors bracket it, a
-pass over the blocks counts what lies below and keeps what lies inside, and kthvalue runs on that
-band only. Seeds and block sizes depend only on names and shapes, never on how the work is split,
-so outputs are byte-identical across executors.
+pass over the blocks counts what lies below and keeps what lies inside (numpy's scans on the CPU,
+3x torch's here), and the selection runs on that band only. Seeds and block sizes depend only on
+names and shapes, never on how the work is split, so outputs are byte-identical across executors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, keep_count, random_mask, sample_size,
-                                           threshold_mask, ties_merge_)
+                                           select_rows, split_band, threshold_mask, ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -30,39 +30,41 @@ def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torc
 
 
 def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator
-                        ) -> tuple[float, int]:
-    """(t, ties) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed over
-    row blocks."""
+                        ) -> tuple[float, int, int]:
+    """(t, ties, equal) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed
+    over row blocks."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
     k = keep_count(total, density)
     if k == 0:
-        return float("inf"), 0
+        return float("inf"), 0, 0
     if k == total:
-        return float("-inf"), 0
+        return float("-inf"), 0, 0
     j = total - k + 1  # the threshold is the j-th smallest |value|
     if total > SELECT_DIRECT:
         idx = torch.randint(total, (sample_size(total),), generator=gen).to(f.a.device)
         rows, cols = idx // n, idx % n
         sample, _ = ((f.b[rows] * f.a[:, cols].T).sum(1) * f.scaling).abs_().sort()
-        lo, hi = bracket(sample, j / total)
+        lo, hi = (float(v) for v in bracket(sample, j / total))
         below = above = 0
         band = []
         buf = torch.empty(spans[0][1] - spans[0][0], n, dtype=f.a.dtype, device=f.a.device)
         for r0, r1 in spans:
-            d = _rows(f, r0, r1, out=buf[:r1 - r0]).abs_()
-            low = int(torch.count_nonzero(d < lo))
-            keep = (d >= lo) & (d <= hi)
-            band.append(d[keep])
+            low, inside = split_band(_rows(f, r0, r1, out=buf[:r1 - r0]).abs_(), lo, hi)
+            band.append(inside)
             below += low
-            above += d.numel() - low - band[-1].numel()
+            above += (r1 - r0) * n - low - inside.numel()
         inside = torch.cat(band)
         if below < j <= below + inside.numel():
-            t = torch.kthvalue(inside, j - below).values
-            return float(t), k - above - int(torch.count_nonzero(inside > t))
+            return _threshold_in(inside, j - below, k - above)
     whole = torch.cat([_rows(f, r0, r1) for r0, r1 in spans]).abs_()  # small, or an unlucky sample
-    t = torch.kthvalue(whole.reshape(-1), j).values
-    return float(t), k - int(torch.count_nonzero(whole > t))
+    return _threshold_in(whole, j, k)
+
+
+def _threshold_in(values: torch.Tensor, j: int, k: int) -> tuple[float, int, int]:
+    """(t, ties, equal): t the j-th smallest of values, of which k are to be kept."""
+    [t], [greater], [equal] = select_rows(values.reshape(1, -1), j)
+    return t, k - greater, equal
 
 
 def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
@@ -74,7 +76,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     density = ctx.spec.density if recipe.prune else 1.0
     prune = recipe.prune if density < 1 else None
 
-    thresholds: list[tuple[float, int]] = []
+    thresholds: list[tuple[float, int, int]] = []
     if prune == "magnitude":
         thresholds = [magnitude_threshold(f, spans, density, ctx.generator(f"{ctx.module}.select", f.adapter))
                       for f in inputs]
@@ -98,8 +100,12 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
             _rows(f, r0, r1, out=stack[i])
             if prune == "magnitude":
                 absx = torch.abs(stack[i], out=keep_buf[:rows])
-                keep, taken = threshold_mask(absx, thresholds[i][0], ties_left[i], out=absx)
-                ties_left[i] -= taken
+                t, ties, equal = thresholds[i]
+                if ties == equal:  # every value tied at t is kept: no scan for the first ties
+                    keep = torch.ge(absx, t, out=absx)
+                else:
+                    keep, taken = threshold_mask(absx, t, ties_left[i], out=absx)
+                    ties_left[i] -= taken
                 stack[i].mul_(keep)
             elif prune == "random":
                 mask = random_mask(stack[i].shape, density, gens[i], device)
