@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, keep_count, random_mask, sample_size,
-                                           select_rows, split_band, threshold_mask, ties_merge_)
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, keep_count, random_mask,
+                                           sample_size, select_rows, split_band, threshold_mask, ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -93,6 +93,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     stack_buf = torch.empty(len(inputs), block, n, dtype=torch.float32, device=device)
     keep_buf = torch.empty(block, n, dtype=torch.float32, device=device)
     agree_buf = torch.empty_like(stack_buf) if recipe.elect_sign else None
+    draw_buf = torch.empty(block, n, dtype=torch.float32) if prune == "random" else None  # CPU: the generators'
     for r0, r1 in spans:
         rows = r1 - r0
         stack = stack_buf[:, :rows]
@@ -108,9 +109,9 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
                     ties_left[i] -= taken
                 stack[i].mul_(keep)
             elif prune == "random":
-                mask = random_mask(stack[i].shape, density, gens[i], device)
+                mask = random_mask(stack[i].shape, density, gens[i], device, out=draw_buf[:rows])
                 stack[i].mul_(mask).div_(density)
-                kept += int(torch.count_nonzero(mask))
+                kept += count_ones(mask)
         if recipe.elect_sign:
             ties_merge_(stack, weights, ctx.spec.majority_sign_method, agree_buf[:, :rows], out[r0:r1])
         else:
