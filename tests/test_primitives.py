@@ -139,6 +139,13 @@ def test_random_mask_is_seeded_and_device_independent():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("n", [1, 999, 1000, 1001, 25_000])
+def test_count_ones_is_count_nonzero_across_chunks(n, monkeypatch):
+    monkeypatch.setattr(_primitives, "EXACT_F32_SUM", 1000)  # chunks as a mask past 2^24 values has them
+    mask = random_mask((n,), 0.4, torch.Generator().manual_seed(n))
+    assert _primitives.count_ones(mask) == int(torch.count_nonzero(mask))
+
+
 def test_dare_drops_and_rescales_in_expectation():
     """Statistical: the kept fraction is Binomial(n, d)/n and E[pruned] = x, within 5 sigma."""
     n, d = 200_000, 0.3
