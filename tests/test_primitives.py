@@ -35,6 +35,8 @@ def test_ties_at_threshold_keep_lowest_indices(device_path, monkeypatch):
     assert mask.tolist() == [True, False, True, True, False, False, False]
     [(t, ties, equal)] = magnitude_thresholds(x.abs()[None], 3 / 7)
     assert (t, ties, equal) == (2.0, 2, 4)
+    # all four 2s kept: no budget, the same mask as keeping the first 4 in flat order
+    assert threshold_mask(x.abs(), t, 4, all_ties=True)[0].tolist() == threshold_mask(x.abs(), t, 4)[0].tolist()
     # split into blocks, the tie budget carries over in flat order
     first, taken = threshold_mask(x[:3].abs(), t, ties)
     second, _ = threshold_mask(x[3:].abs(), t, ties - taken)
@@ -233,10 +235,10 @@ def test_blockwise_merged_delta_is_the_whole_delta_merge(monkeypatch, device_pat
     deltas = torch.stack([f.b @ f.a * f.scaling for f in inputs]).reshape(3, -1)
     thresholds = magnitude_thresholds(deltas.abs(), 0.37)
     assert all(ties < equal for _, ties, equal in thresholds)  # the tie scan, across blocks, is exercised
-    pruned, _ = prune_rows(deltas, 0.37, "magnitude")
-    weights = torch.tensor([f.weight for f in inputs])
-    if recipe.elect_sign:
-        want = ties_merge_(pruned, weights, "total")
+    pruned, _ = prune_rows(deltas, 0.37, "magnitude")  # PEFT's top-k, ties at t kept lowest index first
+    weighted = pruned * torch.tensor([f.weight for f in inputs])[:, None]
+    if recipe.elect_sign:  # PEFT's election and disjoint merge, as in its ties()
+        want = peft_mu.disjoint_merge(weighted, peft_mu.calculate_majority_sign_mask(pruned, "total"))
     else:
-        want = (pruned * weights[:, None]).sum(0)
+        want = weighted.sum(0)  # PEFT's magnitude_prune
     assert torch.equal(got.reshape(-1), want)

@@ -144,11 +144,15 @@ def magnitude_thresholds(absx: torch.Tensor, density: float) -> list[tuple[float
     return [(t, k - g, e) for t, g, e in zip(values, greater, equal)]
 
 
-def threshold_mask(absx: torch.Tensor, t: float, ties: int, out: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, int]:
+def threshold_mask(absx: torch.Tensor, t: float, ties: int, out: torch.Tensor | None = None,
+                   all_ties: bool = False) -> tuple[torch.Tensor, int]:
     """(mask, taken): values above t, plus the first `ties` values equal to t in flat (row-major)
     order; `taken` is how many ties it used, for the next block of the same tensor. With `out`
-    (which may be absx itself) the mask is written there in out's dtype, e.g. as 0/1 floats."""
+    (which may be absx itself) the mask is written there in out's dtype, e.g. as 0/1 floats.
+    `all_ties`: the whole tensor keeps every value equal to t (its ties are their count, as when t
+    is unique), so there is no budget to carry and no scan for them: the mask is absx >= t."""
+    if all_ties:
+        return (torch.ge(absx, t, out=out) if out is not None else absx >= t), 0
     at = _first_equal(absx, t, ties) if ties > 0 else None
     mask = torch.gt(absx, t, out=out) if out is not None else absx > t
     if at is None:
@@ -236,10 +240,7 @@ def prune_rows(x: torch.Tensor, density: float, how: str, generators: Sequence[t
     if how == "magnitude":
         work = torch.abs(x)
         for row, (t, ties, equal) in zip(work, magnitude_thresholds(work, density)):
-            if ties == equal:  # every value tied at t is kept (t is unique, as a rule): no tie scan
-                torch.ge(row, t, out=row)
-            else:
-                threshold_mask(row, t, ties, out=row)  # the row becomes its 0/1 mask
+            threshold_mask(row, t, ties, out=row, all_ties=ties == equal)  # the row becomes its 0/1 mask
         return work.mul_(x), keep_count(x.shape[1], density) / x.shape[1]
     if how == "random":
         masks = torch.empty(x.shape)  # on the CPU: every device gets the same bits

@@ -102,11 +102,8 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
             if prune == "magnitude":
                 absx = torch.abs(stack[i], out=keep_buf[:rows])
                 t, ties, equal = thresholds[i]
-                if ties == equal:  # every value tied at t is kept: no scan for the first ties
-                    keep = torch.ge(absx, t, out=absx)
-                else:
-                    keep, taken = threshold_mask(absx, t, ties_left[i], out=absx)
-                    ties_left[i] -= taken
+                keep, taken = threshold_mask(absx, t, ties_left[i], out=absx, all_ties=ties == equal)
+                ties_left[i] -= taken
                 stack[i].mul_(keep)
             elif prune == "random":
                 mask = random_mask(stack[i].shape, density, gens[i], device, out=draw_buf[:rows])
