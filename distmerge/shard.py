@@ -23,7 +23,7 @@ from distmerge.adapters.header import TORCH_DTYPES, TensorInfo
 from distmerge.adapters.reader import TensorReader, all_finite, non_finite_error
 from distmerge.errors import MergeError
 from distmerge.methods import registry
-from distmerge.methods.base import Factors, ModuleContext
+from distmerge.methods.base import Factors, ModuleContext, Scratch
 from distmerge.output.safetensors_io import Spec, StreamWriter
 from distmerge.plan import ModuleJob, ShardTask, Source
 
@@ -135,13 +135,22 @@ class InputBuffer:
                 for s, a, b in zip(job.sources, views[:count], views[count:])]
 
 
+class WorkerMemory:
+    """What a worker keeps from module to module and shard to shard: its input buffer and the merge
+    methods' scratch. Each grows to the largest module it has seen, so memory is flat in layers."""
+
+    def __init__(self) -> None:
+        self.inputs = InputBuffer()
+        self.scratch = Scratch()
+
+
 def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: torch.device, phase: Phases,
-                 buffer: InputBuffer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                 memory: WorkerMemory) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One module: (lora_A, lora_B) in their saved layout and dtype, and the module's stats."""
     with phase("read"):
-        inputs = buffer.read(job, reader, device)
+        inputs = memory.inputs.read(job, reader, device)
     with phase("math"):
-        a, b, stats = _merge_math(job, task, inputs, device)
+        a, b, stats = _merge_math(job, task, inputs, device, memory.scratch)
     with phase("write"):
         dtype = TORCH_DTYPES[task.out_dtype]
         a_out = a.reshape(job.a_shape).to(dtype).cpu()
@@ -149,10 +158,10 @@ def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: 
     return a_out, b_out, stats
 
 
-def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: torch.device
+def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: torch.device, scratch: Scratch
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     method = registry.get(task.method)
-    merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device))
+    merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device, scratch))
     a, b = merged.a, merged.b
     if a.shape[0] != job.rank or b.shape[1] != job.rank:
         raise AssertionError(f"{task.method} returned rank {a.shape[0]}/{b.shape[1]} for {job.module}, "
@@ -169,9 +178,9 @@ def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: 
     return a, b, stats
 
 
-def merge_shard(task: ShardTask, buffer: InputBuffer | None = None) -> ShardResult:
-    """Merge one shard task and write its part file; returns metadata only. `buffer` is the worker's
-    reusable input memory; the result does not depend on it.
+def merge_shard(task: ShardTask, memory: WorkerMemory | None = None) -> ShardResult:
+    """Merge one shard task and write its part file; returns metadata only. `memory` is the worker's,
+    reused from shard to shard; the result does not depend on it.
 
     The math runs on task.threads threads wherever it runs: LAPACK and BLAS results depend on the thread
     count, and one config must give the same bytes on every executor.
@@ -179,21 +188,21 @@ def merge_shard(task: ShardTask, buffer: InputBuffer | None = None) -> ShardResu
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
-        return _merge_shard(task, buffer or InputBuffer())
+        return _merge_shard(task, memory or WorkerMemory())
     finally:
         torch.set_num_threads(threads)
 
 
-def _merge_shard(task: ShardTask, buffer: InputBuffer) -> ShardResult:
+def _merge_shard(task: ShardTask, memory: WorkerMemory) -> ShardResult:
     start = time.perf_counter()
     device = resolve_device(task.device)
     path = os.path.join(task.staging, "_parts", task.part_name)
     stats = []
     phase = Phases(device)
-    buffer.reserve(task.modules)
+    memory.inputs.reserve(task.modules)
     with StreamWriter(path, task_specs(task), digest=False) as writer, TensorReader() as reader:
         for job in task.modules:
-            a, b, s = merge_module(job, task, reader, device, phase, buffer)
+            a, b, s = merge_module(job, task, reader, device, phase, memory)
             with phase("write"):
                 writer.write(job.a_name, a)
                 writer.write(job.b_name, b)

@@ -9,8 +9,10 @@ from peft.utils import merge_utils as peft_mu
 from distmerge.methods import _primitives
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, kth_smallest, magnitude_thresholds,
                                            prune_rows, random_mask, select_rows, stack, threshold_mask, ties_merge_)
+from distmerge.config.schema import MergeSpec
+from distmerge.methods import registry
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
-from distmerge.methods.base import Factors
+from distmerge.methods.base import Factors, ModuleContext, Scratch
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.99, 1.0])
@@ -242,3 +244,24 @@ def test_blockwise_merged_delta_is_the_whole_delta_merge(monkeypatch, device_pat
     else:
         want = weighted.sum(0)  # PEFT's magnitude_prune
     assert torch.equal(got.reshape(-1), want)
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_worker_scratch_never_leaks_into_results(method):
+    """A worker reuses one Scratch for every module: a result must not be a view of it, or the next
+    module would overwrite it. Merge one module, then another with the same scratch, and the first
+    result must still be what a fresh scratch gives."""
+    def module(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [Factors(a=torch.randn(4, 700, generator=g), b=torch.randn(300, 4, generator=g), scaling=0.5,
+                        weight=w, adapter=i) for i, w in enumerate([0.6, -0.3, 0.9])]
+
+    spec = MergeSpec(method=method, density=0.4, svd_rank=4)
+    shared = Scratch()
+    run = registry.get(method)
+    first = run(module(1), ModuleContext("m", spec, 4 if method != "cat" else 12, scratch=shared))
+    kept = (first.a.clone(), first.b.clone())
+    run(module(2), ModuleContext("m", spec, 4 if method != "cat" else 12, scratch=shared))
+    fresh = run(module(1), ModuleContext("m", spec, 4 if method != "cat" else 12))
+    assert torch.equal(first.a, kept[0]) and torch.equal(first.b, kept[1])
+    assert torch.equal(first.a, fresh.a) and torch.equal(first.b, fresh.b)

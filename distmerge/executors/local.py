@@ -6,7 +6,7 @@ from typing import Sequence
 
 from distmerge.executors.base import OnResult
 from distmerge.plan import ShardTask
-from distmerge.shard import InputBuffer, ShardResult, merge_shard
+from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 
 
 class LocalExecutor:
@@ -15,18 +15,18 @@ class LocalExecutor:
     in_process = True  # shares the driver's cores: the driver hashes inputs after the merge, not alongside
 
     def __init__(self) -> None:
-        self._buffer = InputBuffer()  # one worker's input memory, kept from shard to shard
+        self._memory = WorkerMemory()  # one worker's inputs and scratch, kept from shard to shard
 
     def __enter__(self) -> "LocalExecutor":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._buffer = InputBuffer()  # give the memory back
+        self._memory = WorkerMemory()  # give the memory back
 
     def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
         results = []
         for task in tasks:
-            result = merge_shard(task, self._buffer)
+            result = merge_shard(task, self._memory)
             on_result(task, result)
             results.append(result)
         return results

@@ -20,7 +20,7 @@ from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import DistmergeError, ExecutorError
 from distmerge.executors.base import OnResult
 from distmerge.plan import ShardTask
-from distmerge.shard import InputBuffer, ShardResult, merge_shard
+from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 
 log = logging.getLogger("distmerge")
 TEST_ENV_PREFIX = "DISTMERGE_TEST_"  # fault-injection hooks, forwarded to workers for the test suite
@@ -94,10 +94,10 @@ def _fault_hooks() -> None:
 
 
 class MergeWorker:
-    """The actor: a thin wrapper around merge_shard, keeping its input buffer from shard to shard."""
+    """The actor: a thin wrapper around merge_shard, keeping its memory from shard to shard."""
 
     def __init__(self) -> None:
-        self._buffer = InputBuffer()
+        self._memory = WorkerMemory()
 
     def ping(self) -> tuple[str, str]:
         return socket.gethostname(), _node_ip()
@@ -107,7 +107,7 @@ class MergeWorker:
 
     def run(self, task: ShardTask) -> ShardResult:
         _fault_hooks()
-        result = merge_shard(task, self._buffer)
+        result = merge_shard(task, self._memory)
         node = (("node", f"{_node_ip()}/{_node_id()}"),)
         return ShardResult(**{**result.__dict__, "worker": result.worker + node})
 

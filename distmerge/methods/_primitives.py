@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from distmerge.methods.base import Scratch
+
 EXACT_F32_SUM = 1 << 24  # float32 counts every integer up to here
 SELECT_DIRECT = 1 << 14  # below this many values kthvalue alone is as fast as bracketing (measured)
 
@@ -232,18 +234,19 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def prune_rows(x: torch.Tensor, density: float, how: str, generators: Sequence[torch.Generator] | None = None
-               ) -> tuple[torch.Tensor, float]:
+def prune_rows(x: torch.Tensor, density: float, how: str, generators: Sequence[torch.Generator] | None = None,
+               scratch: Scratch | None = None) -> tuple[torch.Tensor, float]:
     """(pruned copy of x, kept fraction), each row of x (rows × n) pruned on its own, as PEFT prunes
     each task tensor: by magnitude to exactly its top keep_count(n, density), or at random (DARE,
-    rescaled by 1/density) from the row's seeded CPU generator."""
+    rescaled by 1/density) from the row's seeded CPU generator. The copy is scratch's "pruned"."""
+    scratch = scratch or Scratch()
     if how == "magnitude":
-        work = torch.abs(x)
+        work = torch.abs(x, out=scratch.take("pruned", x.shape, x.device))
         for row, (t, ties, equal) in zip(work, magnitude_thresholds(work, density)):
             threshold_mask(row, t, ties, out=row, all_ties=ties == equal)  # the row becomes its 0/1 mask
         return work.mul_(x), keep_count(x.shape[1], density) / x.shape[1]
     if how == "random":
-        masks = torch.empty(x.shape)  # on the CPU: every device gets the same bits
+        masks = scratch.take("pruned", x.shape)  # on the CPU: every device gets the same bits
         for row, gen in zip(masks, generators):
             random_mask(row.shape, density, gen, out=row)
         work = masks.to(x.device)
@@ -253,20 +256,23 @@ def prune_rows(x: torch.Tensor, density: float, how: str, generators: Sequence[t
 
 
 def combine(tensors: Sequence[torch.Tensor], weights: Sequence[float], recipe: Combine, *, density: float | None,
-            sign_method: str, generators: Sequence[Optional[torch.Generator]] | None = None
-            ) -> tuple[torch.Tensor, float]:
-    """One generalized task-arithmetic merge of same-shaped tensors; (merged, mean kept fraction)."""
+            sign_method: str, generators: Sequence[Optional[torch.Generator]] | None = None,
+            scratch: Scratch | None = None) -> tuple[torch.Tensor, float]:
+    """One generalized task-arithmetic merge of same-shaped tensors; (merged, mean kept fraction).
+    Its temporaries come from `scratch`; the result is a tensor of its own."""
+    scratch = scratch or Scratch()
     x = stack(tensors)
     shape = x.shape[1:]
     rows = x.reshape(len(tensors), -1)
     d = density or 1.0
     if recipe.prune is not None and d < 1:
-        work, kept = prune_rows(rows, d, recipe.prune, generators)
+        work, kept = prune_rows(rows, d, recipe.prune, generators, scratch)
     elif recipe.elect_sign:
-        work, kept = rows.clone(), 1.0
+        work, kept = scratch.take("pruned", rows.shape, rows.device).copy_(rows), 1.0
     else:
         return weighted_sum(rows, weights).reshape(shape), 1.0
     if recipe.elect_sign:
         w = torch.tensor(list(weights), dtype=work.dtype, device=work.device)
-        return ties_merge_(work, w, sign_method).reshape(shape), kept
+        agree = scratch.take("agree", work.shape, work.device)
+        return ties_merge_(work, w, sign_method, agree).reshape(shape), kept
     return weighted_sum(work, weights).reshape(shape), kept

@@ -15,8 +15,9 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, keep_count, random_mask,
-                                           sample_size, select_rows, split_band, threshold_mask, ties_merge_)
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, keep_count,
+                                           random_mask, sample_size, select_rows, split_band, threshold_mask,
+                                           ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -69,7 +70,8 @@ def _threshold_in(values: torch.Tensor, j: int, k: int) -> tuple[float, int, int
 
 def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
                  ) -> tuple[torch.Tensor, float, float]:
-    """The pruned, merged dense delta of one module, built in row blocks; (delta, kept fraction, ‖delta‖²)."""
+    """The pruned, merged dense delta of one module, built in row blocks; (delta, kept fraction, ‖delta‖²).
+    The delta and the blocks are ctx.scratch's, reused by the next module."""
     m, n = inputs[0].b.shape[0], inputs[0].a.shape[1]
     block = max(1, min(m, BLOCK_ELEMENTS // max(1, n * len(inputs))))
     spans = [(r0, min(m, r0 + block)) for r0 in range(0, m, block)]
@@ -83,17 +85,18 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     gens = [ctx.generator(f"{ctx.module}.delta", f.adapter) for f in inputs] if prune == "random" else []
     ties_left = [t[1] for t in thresholds]
     weights = torch.tensor([f.weight for f in inputs], dtype=torch.float32, device=inputs[0].a.device)
-    out = torch.empty(m, n, dtype=torch.float32, device=inputs[0].a.device)
+    device = inputs[0].a.device
+    take = ctx.scratch.take
+    out = take("delta", (m, n), device)
     kept = 0
     if prune == "magnitude":  # exactly PEFT's k per adapter, by construction of the thresholds
         kept = len(inputs) * keep_count(m * n, density)
     energy = 0.0
     # In place, with 0/1 float masks: the values of PEFT's bool masks, in a third of the passes.
-    device = inputs[0].a.device
-    stack_buf = torch.empty(len(inputs), block, n, dtype=torch.float32, device=device)
-    keep_buf = torch.empty(block, n, dtype=torch.float32, device=device)
-    agree_buf = torch.empty_like(stack_buf) if recipe.elect_sign else None
-    draw_buf = torch.empty(block, n, dtype=torch.float32) if prune == "random" else None  # CPU: the generators'
+    stack_buf = take("stack", (len(inputs), block, n), device)
+    keep_buf = take("keep", (block, n), device)
+    agree_buf = take("agree", (len(inputs), block, n), device) if recipe.elect_sign else None
+    draw_buf = take("draws", (block, n)) if prune == "random" else None  # on the CPU: the generators'
     for r0, r1 in spans:
         rows = r1 - r0
         stack = stack_buf[:, :rows]
@@ -119,7 +122,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
 
 
 def pruned_svd(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine) -> Merged:
-    delta, kept, energy = merged_delta(inputs, ctx, recipe)
+    delta, kept, energy = merged_delta(inputs, ctx, recipe)  # scratch's: nothing below may keep a view of it
     s = ctx.spec
     gen = ctx.generator(f"{ctx.module}.sketch", -1) if s.svd_algorithm == "randomized" else None
     t = svd_dense(delta, ctx.rank, s.svd_algorithm, s.svd_oversample, s.svd_niter, gen, energy=energy)

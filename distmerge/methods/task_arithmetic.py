@@ -24,7 +24,7 @@ def merge_factors(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
         gens = ([ctx.generator(f"{ctx.module}.lora_{role}", f.adapter) for f in inputs]
                 if recipe.prune == "random" else None)
         t, k = combine(tensors, weights, recipe, density=ctx.spec.density,
-                       sign_method=ctx.spec.majority_sign_method, generators=gens)
+                       sign_method=ctx.spec.majority_sign_method, generators=gens, scratch=ctx.scratch)
         merged.append(t)
         kept.append(k)
     stats = {"kept_fraction": sum(kept) / 2} if recipe.prune else {}
