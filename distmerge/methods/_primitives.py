@@ -133,15 +133,22 @@ def keep_count(n: int, density: float) -> int:
     return min(max(int(density * n), 0), n)
 
 
+def edge_threshold(k: int, n: int) -> tuple[float, int, int] | None:
+    """(t, ties, equal) when none or all of n values are kept, which needs no selection; else None."""
+    if k == 0:
+        return float("inf"), 0, 0
+    if k == n:
+        return float("-inf"), 0, 0
+    return None
+
+
 def magnitude_thresholds(absx: torch.Tensor, density: float) -> list[tuple[float, int, int]]:
     """Per row of absx (rows × n), (t, ties, equal): keeping |x| > t plus the first `ties` of the
     `equal` values equal to t keeps PEFT's top-k set of the row, with k = keep_count(n, density)."""
     rows, n = absx.shape
     k = keep_count(n, density)
-    if k == 0:
-        return [(float("inf"), 0, 0)] * rows
-    if k == n:
-        return [(float("-inf"), 0, 0)] * rows
+    if (edge := edge_threshold(k, n)) is not None:
+        return [edge] * rows
     values, greater, equal = select_rows(absx, n - k + 1)
     return [(t, k - g, e) for t, g, e in zip(values, greater, equal)]
 

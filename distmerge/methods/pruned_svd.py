@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, keep_count,
+from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, edge_threshold, keep_count,
                                            random_mask, sample_size, select_rows, split_band, threshold_mask,
                                            ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
@@ -37,10 +37,8 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
     k = keep_count(total, density)
-    if k == 0:
-        return float("inf"), 0, 0
-    if k == total:
-        return float("-inf"), 0, 0
+    if (edge := edge_threshold(k, total)) is not None:
+        return edge
     j = total - k + 1  # the threshold is the j-th smallest |value|
     if total > SELECT_DIRECT:
         idx = torch.randint(total, (sample_size(total),), generator=gen).to(f.a.device)
