@@ -25,7 +25,7 @@ def test_magnitude_mask_is_peft_topk_set(density):
 
 def _torch_backend(monkeypatch):
     """Make the CPU take the path a GPU takes: selection and scans in torch instead of numpy."""
-    monkeypatch.setattr(_primitives, "_backend", lambda x: (x, _primitives._torch_kth, torch.count_nonzero))
+    monkeypatch.setattr(_primitives, "_backend", lambda x: (x, _primitives.TORCH_OPS))
 
 
 @pytest.mark.parametrize("device_path", ["numpy", "torch"])
