@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from typing import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,9 +134,10 @@ def write_sample(paths: dict, modules: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- runs
 def run_distmerge(paths: dict, setup: Setup, method: str, algorithm: str, out: str, executor: str,
-                  runs: int = 1) -> dict:
+                  runs: int = 1, between: Callable[[], None] | None = None) -> dict:
     """Wall seconds and peak RSS from one run sampled by run_measured; the merge phase and its split
-    from the fastest of `runs` processes (the others unsampled), as the read baseline is timed."""
+    from the fastest of `runs` processes (the others unsampled), as the read baseline is timed.
+    `between` runs before each of the unsampled processes: the read baseline, interleaved."""
     cfg = {"adapters": [{"path": p, "weight": w} for p, w in zip(paths["adapters"], setup.weights)],
            "merge": {"method": method, "density": setup.density, "svd_algorithm": algorithm},
            "output": {"path": out, "overwrite": True},
@@ -152,6 +154,8 @@ def run_distmerge(paths: dict, setup: Setup, method: str, algorithm: str, out: s
     _check(m, f"distmerge {method}")
     manifests = [json.load(open(os.path.join(out, "distmerge.json")))]
     for _ in range(runs - 1):
+        if between is not None:
+            between()
         again = subprocess.run(cmd, capture_output=True, text=True)
         if again.returncode != 0:
             raise SystemExit(f"distmerge {method} failed (exit {again.returncode}):\n{again.stderr[-3000:]}")
@@ -173,11 +177,13 @@ def run_peft(paths: dict, adapters: list[str], setup: Setup, method: str, out: s
     return {"wall_s": m.wall_s, "peak_rss": m.peak_rss, **report}
 
 
-def read_once_seconds(paths: dict) -> float:
+def read_once_runs(paths: dict, runs: int = 5) -> list[float]:
     """How long reading every input tensor into memory once takes: safetensors' load_file, then each
     tensor copied out of the map (load_file alone maps the file and reads nothing). Timed as distmerge
-    is, in a fresh process on a warm page cache; the fastest of 5 processes, since a busy moment on a
-    small machine only ever adds time (a single run here once read 0.10 s against 0.01-0.02 s)."""
+    is, in fresh processes on a warm page cache. The report uses the fastest of every run: a busy
+    moment on a small machine only ever adds time, and one run of this script once measured 0.086 s
+    as the best of 5 at its start, where an hour earlier the best was 0.014 s; so main() also reads
+    between the factor methods' timed merges, and a slow start cannot flatter their ratios."""
     files = [os.path.join(p, "adapter_model.safetensors") for p in paths["adapters"]]
     for f in files:  # warm the page cache, as it is for every run in the table
         with open(f, "rb") as h:
@@ -187,11 +193,11 @@ def read_once_seconds(paths: dict) -> float:
             "for f in sys.argv[1:]:\n    for v in load_file(f).values(): v.clone()\n"
             "print(time.perf_counter() - t)")
     seconds = []
-    for _ in range(5):
+    for _ in range(runs):
         m = run_measured([sys.executable, "-c", code, *files])
         _check(m, "reading the inputs")
         seconds.append(float(m.stdout.strip().splitlines()[-1]))
-    return min(seconds)
+    return seconds
 
 
 def _check(m: Measured, what: str) -> None:
@@ -269,11 +275,13 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def markdown(setup: Setup, rows: list[dict], checks: list[dict], env: dict, read_s: float, command: str) -> str:
+def markdown(setup: Setup, rows: list[dict], checks: list[dict], env: dict, reads: list[float], command: str) -> str:
+    read_s = min(reads)
     lines = [
         f"Setup: {setup.adapters} adapters of rank {setup.rank} on {len(LLAMA_TARGETS)} projections × {setup.layers} "
         f"layers, hidden {setup.hidden}, intermediate {setup.intermediate}, weights 1/{setup.adapters}, density "
-        f"{setup.density}. Reading every input tensor once takes {read_s:.3f} s.",
+        f"{setup.density}. Reading every input tensor once takes {read_s:.3f} s: the fastest of {len(reads)} "
+        f"processes spread over the run (the slowest took {max(reads):.3f} s).",
         "",
         f"Machine: {env['machine']}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         "",
@@ -372,8 +380,9 @@ def main(argv=None) -> int:
     biggest = max(o * i for o, i in shapes.values())
     sample = sample_modules(shapes)
     sample_adapters = None
-    read_s = read_once_seconds(paths)
-    print(f"inputs read once in {read_s:.3f} s; {len(shapes)} modules; PEFT sample: {', '.join(sample)}", flush=True)
+    reads = read_once_runs(paths)
+    print(f"inputs read once in {min(reads):.3f} s (fastest of {len(reads)}; more are read between the factor "
+          f"methods' merges); {len(shapes)} modules; PEFT sample: {', '.join(sample)}", flush=True)
 
     rows = []
     for method in methods:
@@ -389,8 +398,9 @@ def main(argv=None) -> int:
         exact = None
         for algorithm in algorithms:
             out = os.path.join(args.out, "distmerge", f"{method}-{algorithm}")
-            ours = run_distmerge(paths, setup, method, algorithm, out, args.executor,
-                                 runs=TIMED_RUNS if method in FACTOR_METHODS else 1)
+            factor = method in FACTOR_METHODS
+            ours = run_distmerge(paths, setup, method, algorithm, out, args.executor, runs=TIMED_RUNS if factor else 1,
+                                 between=(lambda: reads.extend(read_once_runs(paths, 1))) if factor else None)
             exact = exact or ours
             compare = sample[0] if sampled else sorted(shapes)[0]
             row = {"method": method, "algorithm": algorithm, "wall_s": ours["wall_s"], "peak_rss": ours["peak_rss"],
@@ -414,12 +424,16 @@ def main(argv=None) -> int:
                       f"{platform.system()} {platform.release()}, no GPU used",
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "peft": peft_pkg.__version__, "transformers": transformers.__version__, "ray": ray.__version__}}
+    read_s = min(reads)
+    print(f"inputs read once: fastest {read_s:.3f} s, slowest {max(reads):.3f} s, of {len(reads)} processes",
+          flush=True)
     checks = targets(rows, read_s)
     command = "python benchmarks/bench_vs_peft.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = markdown(setup, rows, checks, env, read_s, command)
+    report = markdown(setup, rows, checks, env, reads, command)
     with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
         f.write(report)
-    json.dump({"setup": asdict(setup), "env": env, "read_once_s": read_s, "rows": rows, "targets": checks},
+    json.dump({"setup": asdict(setup), "env": env, "read_once_s": read_s, "read_once_runs_s": reads, "rows": rows,
+               "targets": checks},
               open(os.path.join(args.out, "results.json"), "w"), indent=2)
     plotted = plot(rows, os.path.join(args.out, "benchmarks.png"))
     print("\n" + report)
