@@ -82,8 +82,8 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
                       for f in inputs]
     gens = [ctx.generator(f"{ctx.module}.delta", f.adapter) for f in inputs] if prune == "random" else []
     ties_left = [t[1] for t in thresholds]
-    weights = torch.tensor([f.weight for f in inputs], dtype=torch.float32, device=inputs[0].a.device)
     device = inputs[0].a.device
+    weights = torch.tensor([f.weight for f in inputs], dtype=torch.float32, device=device)
     take = ctx.scratch.take
     out = take("delta", (m, n), device)
     kept = 0
