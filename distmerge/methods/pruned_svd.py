@@ -30,10 +30,10 @@ def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torc
     return torch.matmul(f.b[r0:r1], f.a, out=out).mul_(f.scaling)
 
 
-def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator
-                        ) -> tuple[float, int, int]:
+def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator,
+                        buf: torch.Tensor | None = None) -> tuple[float, int, int]:
     """(t, ties, equal) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed
-    over row blocks."""
+    over row blocks; `buf` (float32, at least the first span's rows × n) holds one block at a time."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
     k = keep_count(total, density)
@@ -47,7 +47,8 @@ def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float
         lo, hi = (float(v) for v in bracket(sample, j / total))
         below = above = 0
         band = []
-        buf = torch.empty(spans[0][1] - spans[0][0], n, dtype=f.a.dtype, device=f.a.device)
+        if buf is None:
+            buf = torch.empty(spans[0][1] - spans[0][0], n, dtype=f.a.dtype, device=f.a.device)
         for r0, r1 in spans:
             low, inside = split_band(_rows(f, r0, r1, out=buf[:r1 - r0]).abs_(), lo, hi)
             band.append(inside)
@@ -76,15 +77,16 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     density = ctx.spec.density if recipe.prune else 1.0
     prune = recipe.prune if density < 1 else None
 
+    device = inputs[0].a.device
+    take = ctx.scratch.take
+    keep_buf = take("keep", (block, n), device)  # a block of |delta|: first for the thresholds, then the masks
     thresholds: list[tuple[float, int, int]] = []
     if prune == "magnitude":
-        thresholds = [magnitude_threshold(f, spans, density, ctx.generator(f"{ctx.module}.select", f.adapter))
-                      for f in inputs]
+        thresholds = [magnitude_threshold(f, spans, density, ctx.generator(f"{ctx.module}.select", f.adapter),
+                                          keep_buf) for f in inputs]
     gens = [ctx.generator(f"{ctx.module}.delta", f.adapter) for f in inputs] if prune == "random" else []
     ties_left = [t[1] for t in thresholds]
-    device = inputs[0].a.device
     weights = torch.tensor([f.weight for f in inputs], dtype=torch.float32, device=device)
-    take = ctx.scratch.take
     out = take("delta", (m, n), device)
     kept = 0
     if prune == "magnitude":  # exactly PEFT's k per adapter, by construction of the thresholds
@@ -92,7 +94,6 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     energy = 0.0
     # In place, with 0/1 float masks: the values of PEFT's bool masks, in a third of the passes.
     stack_buf = take("stack", (len(inputs), block, n), device)
-    keep_buf = take("keep", (block, n), device)
     agree_buf = take("agree", (len(inputs), block, n), device) if recipe.elect_sign else None
     draw_buf = take("draws", (block, n)) if prune == "random" else None  # on the CPU: the generators'
     for r0, r1 in spans:
