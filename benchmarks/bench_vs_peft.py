@@ -28,8 +28,8 @@ import platform
 import shutil
 import subprocess
 import sys
-from typing import Callable
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from safetensors import safe_open

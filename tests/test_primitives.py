@@ -6,11 +6,10 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft_mu
 
-from distmerge.methods import _primitives
+from distmerge.config.schema import MergeSpec
+from distmerge.methods import _primitives, registry
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, combine, kth_smallest, magnitude_thresholds,
                                            prune_rows, random_mask, select_rows, stack, threshold_mask, ties_merge_)
-from distmerge.config.schema import MergeSpec
-from distmerge.methods import registry
 from distmerge.methods._svd import quantile, svd_dense, svd_of_product
 from distmerge.methods.base import Factors, ModuleContext, Scratch
 
@@ -220,8 +219,6 @@ def test_blockwise_merged_delta_is_the_whole_delta_merge(monkeypatch, device_pat
     """The pruned SVD methods' row-block merge equals pruning and merging the whole deltas, also where
     many values tie at the threshold (integer factors) and a tie budget carries from block to block."""
     from distmerge.methods import pruned_svd
-    from distmerge.config.schema import MergeSpec
-    from distmerge.methods.base import ModuleContext
 
     if device_path == "torch":
         _torch_backend(monkeypatch)
@@ -257,11 +254,12 @@ def test_worker_scratch_never_leaks_into_results(method):
                         weight=w, adapter=i) for i, w in enumerate([0.6, -0.3, 0.9])]
 
     spec = MergeSpec(method=method, density=0.4, svd_rank=4)
+    rank = 12 if method == "cat" else 4  # cat's rank is the sum of the 3 adapters'
     shared = Scratch()
     run = registry.get(method)
-    first = run(module(1), ModuleContext("m", spec, 4 if method != "cat" else 12, scratch=shared))
+    first = run(module(1), ModuleContext("m", spec, rank, scratch=shared))
     kept = (first.a.clone(), first.b.clone())
-    run(module(2), ModuleContext("m", spec, 4 if method != "cat" else 12, scratch=shared))
-    fresh = run(module(1), ModuleContext("m", spec, 4 if method != "cat" else 12))
+    run(module(2), ModuleContext("m", spec, rank, scratch=shared))
+    fresh = run(module(1), ModuleContext("m", spec, rank))
     assert torch.equal(first.a, kept[0]) and torch.equal(first.b, kept[1])
     assert torch.equal(first.a, fresh.a) and torch.equal(first.b, fresh.b)
