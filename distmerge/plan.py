@@ -56,7 +56,7 @@ class ModuleJob:
     in_bytes: int
     out_bytes: int
     flops: float
-    work_bytes: int  # float32 working set of the merge, for the memory estimate
+    work_bytes: int  # the merge's working set, for the memory estimate (tests/test_memory.py checks it)
 
     @property
     def cost(self) -> float:
@@ -249,10 +249,9 @@ def _job(name: str, pairs: list, method, spec: MergeSpec, nominal_svd: int, out_
     a_shape = lora.a_shape(rank, first.a.shape[1:])
     b_shape = lora.b_shape(rank, m, first.b.shape[2:])
     out_bytes = (_numel(a_shape) + _numel(b_shape)) * DTYPE_SIZES[out_dtype]
+    # the worker's float32 input buffer, the method's temporaries, the result cast to the output dtype
     in_f32 = 4 * sum(mod.a.numel + mod.b.numel for _, mod in pairs)
-    work = 3 * in_f32 + 3 * out_bytes
-    if method.dense:  # the merged delta, a 16 MiB row-block buffer and its temporaries, the Gram and its eigenvectors
-        work += 4 * m * n + 8 * 4 * (1 << 22) + 2 * 4 * min(m, n) ** 2
+    work = in_f32 + method.work(m, n, ranks, rank, spec) + out_bytes
     sources = tuple(Source(a.index, a.name, mod.a, mod.b, mod.rank, mod.scaling, a.weight) for a, mod in pairs)
     return ModuleJob(
         module=name, embedding=first.embedding, rank=rank,

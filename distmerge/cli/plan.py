@@ -42,7 +42,8 @@ def run(args) -> int:
     for t in tasks:
         print(f"{t.index:>5} {len(t.modules):>7} {format_size(t.in_bytes):>11} {format_size(t.out_bytes):>11} "
               f"{format_size(t.peak_bytes):>11} {t.cost:>8.2f}")
-    print("\npeak mem: the merge's working set per worker, besides ~0.5 GiB for Python and torch")
+    print("\npeak mem: the merge's working set per worker, besides ~0.25 GiB for Python and torch (more in a Ray "
+          "worker);\non a GPU worker, all but the input buffer is GPU memory")
     print("output files:")
     for name, tensors in plan.files:
         print(f"  {name} ({len(tensors)} tensors)")

@@ -68,6 +68,12 @@ class ModuleContext:
         return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def factor_work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec: MergeSpec) -> int:
+    """Temporaries of a merge on the factors alone: two float32 copies of its inputs (a pruned copy and
+    a sign mask, or scaled copies) and of its outputs."""
+    return 4 * 2 * (sum(ranks) + out_rank) * (m + n)
+
+
 # Output-rank rules (PEFT's _check_add_weighted_adapter), by name so the planner can ask without tensors.
 RANK_SAME, RANK_SUM, RANK_SVD = "same", "sum", "svd"
 
@@ -81,7 +87,8 @@ class MergeMethod:
     fn: Callable[[Sequence[Factors], ModuleContext], Merged]
     # flops(m, n, ranks, out_rank, spec): the planner's cost model, to balance shards
     flops: Callable[[int, int, Sequence[int], int, MergeSpec], float]
-    dense: bool = False  # builds one module's dense deltas (memory estimate)
+    # work(m, n, ranks, out_rank, spec): bytes of one module's temporaries, for `distmerge plan`'s peak memory
+    work: Callable[[int, int, Sequence[int], int, MergeSpec], int] = factor_work
 
     def __call__(self, inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
         return self.fn(inputs, ctx)

@@ -25,6 +25,11 @@ from distmerge.methods.registry import register
 BLOCK_ELEMENTS = 1 << 22  # one row block of all N adapters' deltas: 16 MiB in float32, cache-sized (measured)
 
 
+def block_rows(m: int, n: int, adapters: int) -> int:
+    """Rows per block: all adapters' rows of a block fill BLOCK_ELEMENTS."""
+    return max(1, min(m, BLOCK_ELEMENTS // max(1, n * adapters)))
+
+
 def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0:r1 of adapter f's delta, exactly as PEFT's get_delta_weight computes it."""
     return torch.matmul(f.b[r0:r1], f.a, out=out).mul_(f.scaling)
@@ -72,7 +77,7 @@ def merged_delta(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine
     """The pruned, merged dense delta of one module, built in row blocks; (delta, kept fraction, ‖delta‖²).
     The delta and the blocks are ctx.scratch's, reused by the next module."""
     m, n = inputs[0].b.shape[0], inputs[0].a.shape[1]
-    block = max(1, min(m, BLOCK_ELEMENTS // max(1, n * len(inputs))))
+    block = block_rows(m, n, len(inputs))
     spans = [(r0, min(m, r0 + block)) for r0 in range(0, m, block)]
     density = ctx.spec.density if recipe.prune else 1.0
     prune = recipe.prune if density < 1 else None
@@ -130,6 +135,22 @@ def pruned_svd(inputs: Sequence[Factors], ctx: ModuleContext, recipe: Combine) -
     return Merged(a=a, b=b, stats={"kept_fraction": kept, **t.stats()})
 
 
+def _work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec, recipe: Combine) -> int:
+    """What merged_delta and svd_dense hold at their peak (tests/test_memory.py checks it against the
+    measured peak): the merged delta; the row blocks (all adapters' rows, the sign mask, one adapter's
+    |rows| or draws, the float64 copy vector_norm makes); a magnitude threshold's band of values and
+    its concatenation (a few % of a delta: 1/16 allowed); and for the exact SVD the Gram matrix, its
+    eigenvectors and LAPACK's syevd workspace of 2 s² (s = min(m, n)), where the randomized SVD's
+    sketches are small."""
+    block = block_rows(m, n, len(ranks)) * n
+    adapters = len(ranks) * (2 if recipe.elect_sign else 1)
+    blocks = 4 * block * adapters + 4 * block * (2 if recipe.prune == "random" else 1) + 8 * block
+    band = 2 * 4 * m * n // 16 if recipe.prune == "magnitude" else 0
+    small, k = min(m, n), out_rank + spec.svd_oversample
+    svd = 4 * 4 * small**2 if spec.svd_algorithm == "exact" else 4 * 3 * k * (m + n)
+    return 4 * m * n + blocks + band + svd + 4 * 2 * (sum(ranks) + out_rank) * (m + n)
+
+
 def _flops(m: int, n: int, ranks: Sequence[int], out_rank: int, spec) -> float:
     deltas = 4.0 * m * n * sum(ranks) + 12.0 * m * n * len(ranks)
     k = out_rank + spec.svd_oversample
@@ -155,4 +176,4 @@ for _name, (_recipe, _summary, _params) in RECIPES.items():
         name=_name, summary=_summary,
         params=("weight",) + _params + ("svd_rank", "svd_clamp", "svd_algorithm", "svd_oversample", "svd_niter"),
         rank_rule=RANK_SVD, fn=lambda inputs, ctx, _r=_recipe: pruned_svd(inputs, ctx, _r), flops=_flops,
-        dense=True))
+        work=lambda m, n, ranks, out_rank, spec, _r=_recipe: _work(m, n, ranks, out_rank, spec, _r)))
