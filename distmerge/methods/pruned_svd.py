@@ -19,7 +19,7 @@ from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, coun
                                            random_mask, sample_size, select_rows, split_band, threshold_mask,
                                            ties_merge_)
 from distmerge.methods._svd import svd_dense, to_factors
-from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
+from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext, factor_work
 from distmerge.methods.registry import register
 
 BLOCK_ELEMENTS = 1 << 22  # one row block of all N adapters' deltas: 16 MiB in float32, cache-sized (measured)
@@ -141,14 +141,14 @@ def _work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec, recipe: Com
     |rows| or draws, the float64 copy vector_norm makes); a magnitude threshold's band of values and
     its concatenation (a few % of a delta: 1/16 allowed); and for the exact SVD the Gram matrix, its
     eigenvectors and LAPACK's syevd workspace of 2 s² (s = min(m, n)), where the randomized SVD's
-    sketches are small."""
+    sketches are small; and the factor temporaries every method has."""
     block = block_rows(m, n, len(ranks)) * n
     adapters = len(ranks) * (2 if recipe.elect_sign else 1)
     blocks = 4 * block * adapters + 4 * block * (2 if recipe.prune == "random" else 1) + 8 * block
     band = 2 * 4 * m * n // 16 if recipe.prune == "magnitude" else 0
     small, k = min(m, n), out_rank + spec.svd_oversample
     svd = 4 * 4 * small**2 if spec.svd_algorithm == "exact" else 4 * 3 * k * (m + n)
-    return 4 * m * n + blocks + band + svd + 4 * 2 * (sum(ranks) + out_rank) * (m + n)
+    return 4 * m * n + blocks + band + svd + factor_work(m, n, ranks, out_rank, spec)
 
 
 def _flops(m: int, n: int, ranks: Sequence[int], out_rank: int, spec) -> float:
