@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from safetensors.torch import save_file
 
+from distmerge.errors import OutputError
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEMO_BASE = "distmerge/tiny-llama-demo"
 
@@ -57,8 +59,15 @@ DEMO_ADAPTERS = ("sql", "chat", "code")
 
 
 def write_demo(directory: str, *, layers: int = 2, hidden: int = 64, intermediate: int = 160, rank: int = 8,
-               seed: int = 0) -> list[str]:
-    """The three adapters configs/quickstart.yaml merges, under DIRECTORY/adapters/."""
-    return [write_llama_adapter(os.path.join(directory, "adapters", name), layers=layers, hidden=hidden,
-                                intermediate=intermediate, rank=rank, alpha=2 * rank, seed=seed + i)
-            for i, name in enumerate(DEMO_ADAPTERS)]
+               seed: int = 0, force: bool = False) -> list[str]:
+    """The three adapters configs/quickstart.yaml merges, under DIRECTORY/adapters/.
+
+    Existing adapters there are the user's until `force` says otherwise: refused before anything is written.
+    """
+    paths = [os.path.join(directory, "adapters", name) for name in DEMO_ADAPTERS]
+    there = [p for p in paths if os.path.lexists(p)]
+    if there and not force:
+        raise OutputError(f"{', '.join(there)} already exist{'s' if len(there) == 1 else ''}; demo never writes "
+                          f"over adapters: choose another DIR, or pass --force to replace them")
+    return [write_llama_adapter(path, layers=layers, hidden=hidden, intermediate=intermediate, rank=rank,
+                                alpha=2 * rank, seed=seed + i) for i, path in enumerate(paths)]

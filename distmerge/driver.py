@@ -16,6 +16,7 @@ from distmerge.config.schema import MergeConfig
 from distmerge.executors import make_executor
 from distmerge.output.assemble import file_entries, write_files, write_json
 from distmerge.output.manifest import MANIFEST, build_manifest
+from distmerge.output.owner import check_target
 from distmerge.output.safetensors_io import sha256_file
 from distmerge.output.staging import Staging
 from distmerge.plan import Plan, build_plan, default_num_tasks
@@ -48,6 +49,7 @@ def merge(config: ConfigSource, overrides: Iterable[str] = ()) -> MergeResult:
     """Merge the adapters a config names; the output directory appears only when complete."""
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)
+    check_target(cfg.output.path, cfg.output.overwrite, [(a.name, a.path) for a in cfg.adapters])
     adapters = open_inputs(cfg)
     the_plan = build_plan(cfg, adapters)  # every cross-adapter check, before any worker starts
     t_plan = time.perf_counter()

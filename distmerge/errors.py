@@ -16,6 +16,10 @@ class DistmergeError(Exception):
     exit_code = EXIT_USAGE
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `with` block cleans up as on Ctrl-C."""
+
+
 class ConfigError(DistmergeError):
     """Every problem found in a config, reported at once."""
 
@@ -36,3 +40,20 @@ class MergeError(DistmergeError):
 
 class ExecutorError(DistmergeError):
     """The cluster cannot run the merge (no GPUs, unreadable inputs on a node, …)."""
+
+
+class OutputError(DistmergeError):
+    """The output cannot be written where asked, or would replace something distmerge did not write."""
+
+
+def output_error(e: OSError, path: str, doing: str = "write") -> OutputError:
+    """An OSError while writing the output, as one line that names the path and what to do."""
+    import errno
+
+    fix = {errno.ENOSPC: "free space there or choose an output.path on a larger disk",
+           errno.EDQUOT: "free space in your quota or choose another output.path",
+           errno.EROFS: "that filesystem is read-only: choose a writable output.path",
+           errno.EACCES: "you may not write there: choose a writable output.path",
+           errno.EPERM: "you may not write there: choose a writable output.path"}.get(
+        e.errno, "check that output.path is a writable directory on local or shared storage")
+    return OutputError(f"cannot {doing} {path}: {e.strerror or e}; {fix}. Nothing was written")

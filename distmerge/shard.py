@@ -155,13 +155,30 @@ def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: 
         dtype = TORCH_DTYPES[task.out_dtype]
         a_out = a.reshape(job.a_shape).to(dtype).cpu()
         b_out = b.reshape(job.b_shape).to(dtype).cpu()
+        if dtype != torch.float32 and not (all_finite(a_out) and all_finite(b_out)):
+            raise overflow_error(job, task, a, b)
     return a_out, b_out, stats
+
+
+def overflow_error(job: ModuleJob, task: ShardTask, a: torch.Tensor, b: torch.Tensor) -> MergeError:
+    """The float32 result is finite (checked in the math) but does not fit the output dtype."""
+    dtype = TORCH_DTYPES[task.out_dtype]
+    biggest = max(float(a.abs().max()), float(b.abs().max()))
+    return MergeError(f"module {job.module!r}: the {task.method} merge's factors reach |{biggest:.4g}|, beyond "
+                      f"{str(dtype).removeprefix('torch.')}'s largest value {torch.finfo(dtype).max:.4g}, so the "
+                      f"output would hold Inf; set output.dtype: float32, or use smaller weights")
 
 
 def _merge_math(job: ModuleJob, task: ShardTask, inputs: list[Factors], device: torch.device, scratch: Scratch
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     method = registry.get(task.method)
-    merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device, scratch))
+    try:
+        merged = method(inputs, ModuleContext(job.module, task.spec, job.rank, device, scratch))
+    except torch.linalg.LinAlgError as e:  # non-finite or overflowing sums reach LAPACK as NaN/Inf
+        names = ", ".join(f"{s.adapter_name} (weight {s.weight:g})" for s in job.sources)
+        raise MergeError(f"module {job.module!r}: the {task.method} merge of {names} failed in its SVD "
+                         f"({str(e).splitlines()[0][:160]}); the weighted delta overflows float32 or is not "
+                         f"finite: use smaller weights") from None
     a, b = merged.a, merged.b
     if a.shape[0] != job.rank or b.shape[1] != job.rank:
         raise AssertionError(f"{task.method} returned rank {a.shape[0]}/{b.shape[1]} for {job.module}, "

@@ -129,5 +129,7 @@ def test_existing_output_is_not_overwritten(pair, tmp_path, capsys):
     assert main(["merge", str(tmp_path / "cfg.yaml")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep").read_text() == "x"
-    assert main(["merge", str(tmp_path / "cfg.yaml"), "output.overwrite=true", "runtime.progress=false"]) == 0
-    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # overwrite replaces only what distmerge wrote: a directory holding the user's file stays as it is
+    assert main(["merge", str(tmp_path / "cfg.yaml"), "output.overwrite=true", "runtime.progress=false"]) == 2
+    assert "not a distmerge output" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep"]

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import tempfile
+import traceback
 
 from distmerge.cli import demo, merge, methods, plan
-from distmerge.errors import DistmergeError
+from distmerge.errors import DistmergeError, Terminated
+
+ISSUES = "https://github.com/distmerge/distmerge/issues"
 
 SUBCOMMANDS = (merge, plan, methods, demo)
 
@@ -31,14 +36,59 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[distmerge] %(message)s",
                         stream=sys.stderr)
+    with _sigterm_raises():
+        try:
+            return args.run(args) or 0
+        except DistmergeError as e:
+            print(f"distmerge {args.command}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except (KeyboardInterrupt, Terminated) as e:
+            what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            print(f"distmerge {args.command}: {what}; nothing was written", file=sys.stderr)
+            return code
+        except Exception as e:  # a bug of ours, never the user's input: say so, keep the traceback for the report
+            print(f"distmerge {args.command}: internal error: {type(e).__name__}: {_one_line(e)}. This is a bug in "
+                  f"distmerge, not in your input; please file an issue at {ISSUES} with the command and the "
+                  f"traceback saved in {_save_traceback()}", file=sys.stderr)
+            return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _save_traceback() -> str:
+    text = traceback.format_exc()
+    if os.environ.get("DISTMERGE_DEBUG"):
+        print(text, file=sys.stderr)
     try:
-        return args.run(args) or 0
-    except DistmergeError as e:
-        print(f"distmerge {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"distmerge {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        fd, path = tempfile.mkstemp(prefix="distmerge-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+    except OSError:
+        print(text, file=sys.stderr)
+        return "the lines above"
+
+
+class _sigterm_raises:
+    """SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so staging and workers are cleaned up."""
+
+    def __enter__(self):
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread: leave signals to the host program
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Terminated()
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def entry() -> None:

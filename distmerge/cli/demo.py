@@ -22,6 +22,7 @@ def add_parser(subs) -> None:
     p.add_argument("--intermediate", type=int, default=160)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace adapters already at DIR/adapters/{sql,chat,code}")
     p.set_defaults(run=run)
 
 
@@ -29,7 +30,7 @@ def run(args) -> int:
     from distmerge.demo import write_demo
 
     paths = write_demo(args.dir, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                       rank=args.rank, seed=args.seed)
+                       rank=args.rank, seed=args.seed, force=args.force)
     for p in paths:
         print(f"wrote {p}")
     print("next: distmerge merge configs/quickstart.yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
@@ -23,6 +24,15 @@ from distmerge.config.units import parse_size
 from distmerge.errors import ConfigError
 
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig, MergeConfig]
+
+
+class _ValueLoader(yaml.SafeLoader):
+    """An override's value as OmegaConf reads the file: YAML 1.2 numbers, so 1e-3 is a float, not a string."""
+
+
+_ValueLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeConfig:
@@ -59,8 +69,8 @@ def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, li
             cfg = OmegaConf.create(dict(source))
         else:
             return {}, [f"config must be a YAML path, a dict or a DictConfig, got {type(source).__name__}"]
-    except (OmegaConfBaseException, yaml.YAMLError, OSError) as e:
-        return {}, [f"cannot read config {source!s}: {_first_line(e)}"]
+    except (OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as e:
+        return {}, [f"cannot read config {source!s}: {_yaml_problem(e)}"]
     if not isinstance(cfg, DictConfig):
         return {}, ["the config's top level must be a mapping with adapters, merge, output and runtime"]
 
@@ -70,10 +80,10 @@ def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, li
             problems.append(f"override {item!r} is not key=value; write for example merge.density=0.5")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, Loader=_ValueLoader) if text.strip() else None
             OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError, IndexError, KeyError) as e:
-            problems.append(f"override {item!r} cannot be applied: {_first_line(e)}")
+            problems.append(f"override {item!r} cannot be applied: {_yaml_problem(e)}")
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -84,6 +94,16 @@ def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, li
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """A YAML error on one line, with what it found and where ("found duplicate key density at line 3")."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return _first_line(e)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -133,10 +153,12 @@ def _expected(tp: Any) -> tuple[tuple[type, ...], bool]:
     if typing.get_origin(tp) is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) != len(typing.get_args(tp))
-        tp = args[0]
-    if tp is float:
-        return (int, float), optional
-    return (tp,), optional
+        tp = Union[tuple(args)] if len(args) > 1 else args[0]
+    types = tuple(typing.get_args(tp)) if typing.get_origin(tp) is Union else (tp,)
+    types = tuple(t for t in types if t is not type(None))
+    if float in types:
+        return (int, *types), optional
+    return types, optional
 
 
 def _build(cls: type, raw: Any, where: str, p: list[str]):
@@ -189,7 +211,7 @@ def _adapters(raw: Any, p: list[str]) -> list[AdapterSpec]:
                      f"is it a PEFT adapter saved with save_pretrained?")
         if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
             p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
-        specs.append(dataclasses.replace(spec, path=str(path.resolve())))
+        specs.append(dataclasses.replace(spec, path=os.path.realpath(path)))
     _name_adapters(specs, p)
     return [s for s in specs]
 
@@ -250,10 +272,9 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
         parse_size(o.shard_size)
     except ValueError as e:
         p.append(f"output.shard_size: {e}")
-    path = Path(o.path).expanduser().resolve()
-    if path.exists() and not o.overwrite:
-        p.append(f"output.path: {o.path!r} already exists; choose a new path or set output.overwrite=true")
-    return dataclasses.replace(o, path=str(path), shard_size=str(o.shard_size))
+    # whether an existing path may be replaced is decided in one place, output.owner.check_target
+    path = os.path.realpath(Path(o.path).expanduser())
+    return dataclasses.replace(o, path=path, shard_size=str(o.shard_size))
 
 
 def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:

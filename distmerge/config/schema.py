@@ -7,7 +7,7 @@ drive them. Defaults live here and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class MergeSpec:
 class OutputSpec:
     path: str = "./merged"
     dtype: Optional[str] = None
-    shard_size: str = "2GB"
+    shard_size: Union[str, int] = "2GB"  # "2GB", "500MiB" or a number of bytes
     consolidate: bool = True
     overwrite: bool = False
 

@@ -7,6 +7,7 @@ import os
 from typing import Sequence
 
 from distmerge.adapters.header import TensorInfo, read_header
+from distmerge.errors import output_error
 from distmerge.output.safetensors_io import copy_tensors, sha256_file
 from distmerge.plan import INDEX_FILE, SINGLE_FILE, Plan
 
@@ -28,9 +29,12 @@ def write_index(dest: str, weight_map: dict[str, str], total_size: int) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise output_error(e, path) from None
 
 
 def consolidate(directory: str) -> str:

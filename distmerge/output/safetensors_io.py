@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from distmerge.adapters.header import DTYPE_SIZES, ST_DTYPES, TensorInfo
+from distmerge.errors import output_error
 
 COPY_CHUNK = 4 * 2**20  # one reused buffer: the peak must not depend on file sizes
 
@@ -52,7 +53,10 @@ class StreamWriter:
                  digest: bool = True):
         self.path, self.specs = path, list(specs)
         self._tmp = f"{path}.tmp-{os.getpid()}"
-        self._file = open(self._tmp, "wb")
+        try:
+            self._file = open(self._tmp, "wb")
+        except OSError as e:
+            raise output_error(e, path) from None
         self._hash = hashlib.sha256() if digest else None  # worker parts skip it: only outputs are recorded
         head, self._offsets = _header(self.specs, metadata or {"format": "pt"})
         self._data_start = len(head)
@@ -60,7 +64,10 @@ class StreamWriter:
         self._next = 0
 
     def _emit(self, data) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:  # disk full, quota: one line naming the file, and the caller's cleanup runs
+            raise output_error(e, self.path) from None
         if self._hash is not None:
             self._hash.update(data)
 
@@ -97,12 +104,18 @@ class StreamWriter:
         """Finish the file (atomically, so a retried shard rewrites it whole); its sha256 if digested."""
         if self._next != len(self.specs):
             raise AssertionError(f"{self.path}: wrote {self._next} of {len(self.specs)} tensors")
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            raise output_error(e, self.path) from None
         return self._hash.hexdigest() if self._hash is not None else ""
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a full disk fails the flush too; the file goes anyway
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 
