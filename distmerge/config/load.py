@@ -12,7 +12,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Collection, Iterable, Mapping, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +42,7 @@ def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeCon
         if not overrides:
             return source
         source = dataclasses.asdict(source)
-    raw, problems = _raw_container(source, overrides)
+    raw, problems = read_document(source, overrides)
     if problems and not raw:
         raise ConfigError(problems)
     try:
@@ -54,7 +54,9 @@ def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeCon
     return cfg
 
 
-def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, list[str]]:
+def read_document(source: ConfigSource, overrides: list[str],
+                  keys: str = "adapters, merge, output and runtime") -> tuple[dict, list[str]]:
+    """A YAML file, dict or DictConfig with key=value overrides applied, as plain data; and what went wrong."""
     problems: list[str] = []
     try:
         if isinstance(source, (str, os.PathLike)):
@@ -72,7 +74,7 @@ def _raw_container(source: ConfigSource, overrides: list[str]) -> tuple[dict, li
     except (OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as e:
         return {}, [f"cannot read config {source!s}: {_yaml_problem(e)}"]
     if not isinstance(cfg, DictConfig):
-        return {}, ["the config's top level must be a mapping with adapters, merge, output and runtime"]
+        return {}, [f"the config's top level must be a mapping with {keys}"]
 
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -109,11 +111,14 @@ def _yaml_problem(e: BaseException) -> str:
 # --- validation -------------------------------------------------------------------------------------
 
 
-def validate(raw: Mapping[str, Any]) -> MergeConfig:
-    """Check everything, collect every problem, then build the frozen config."""
+def validate(raw: Mapping[str, Any], pending: Collection[str] = ()) -> MergeConfig:
+    """Check everything, collect every problem, then build the frozen config.
+
+    `pending` are adapter paths that another merge of the same batch will write: not checked on disk yet.
+    """
     p: list[str] = []
     sections = _check_keys(raw, MergeConfig, "", p)
-    adapters = _adapters(raw.get("adapters"), p)
+    adapters = _adapters(raw.get("adapters"), p, {os.path.realpath(x) for x in pending})
     merge = _build(MergeSpec, sections.get("merge"), "merge", p)
     output = _build(OutputSpec, sections.get("output"), "output", p)
     runtime = _build(RuntimeSpec, sections.get("runtime"), "runtime", p)
@@ -184,7 +189,7 @@ def _build(cls: type, raw: Any, where: str, p: list[str]):
     return cls(**values)
 
 
-def _adapters(raw: Any, p: list[str]) -> list[AdapterSpec]:
+def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[AdapterSpec]:
     if not raw:
         p.append("adapters: at least one adapter is needed, e.g. adapters: [{path: ./adapters/sql, weight: 1.0}]")
         return []
@@ -203,7 +208,9 @@ def _adapters(raw: Any, p: list[str]) -> list[AdapterSpec]:
         if spec is None:
             continue
         path = Path(spec.path).expanduser()
-        if not path.is_dir():
+        if os.path.realpath(path) in pending:
+            pass
+        elif not path.is_dir():
             p.append(f"{where}.path: adapter directory {spec.path!r} does not exist; "
                      f"point it at a directory holding adapter_config.json")
         elif not (path / "adapter_config.json").is_file():
