@@ -1,9 +1,10 @@
-"""Hostile inputs: headers validated as strictly as safetensors does (the library is the oracle), bounded
-before they are parsed, and never echoed; one line, exit 2."""
+"""Hostile inputs: headers validated as strictly as safetensors does (the library is the oracle), no file
+read from outside an adapter, sharded adapters exact; one line, exit 2."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -16,9 +17,11 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.adapters import open_adapter, read_header
 from distmerge.config.schema import AdapterSpec
-from tests.conftest import merge_config
+from distmerge.errors import AdapterError
+from tests.conftest import AdapterSet, merge_config
 from tests.test_errors import _run
 
+INDEX = "adapter_model.safetensors.index.json"
 SINGLE = "adapter_model.safetensors"
 FIX = "re-save the adapter"
 
@@ -50,6 +53,29 @@ def _copy(src, dst: Path) -> Path:
 @pytest.fixture
 def pair(adapter_sets, tmp_path):
     return [_copy(p, tmp_path / f"in{i}") for i, p in enumerate(adapter_sets("llama").paths[:2])]
+
+
+@pytest.fixture(scope="module")
+def sharded_src(adapter_sets, tmp_path_factory):
+    """A real sharded adapter (index + shards), as distmerge itself writes one."""
+    out = tmp_path_factory.mktemp("sharded") / "adapter"
+    distmerge.merge(merge_config(adapter_sets("llama"), out, "linear",
+                                 output={"shard_size": "2KB", "consolidate": False}))
+    return out
+
+
+@pytest.fixture
+def sharded(sharded_src, pair, tmp_path):
+    """[a sharded adapter, a single-file one] to break the first of."""
+    return [_copy(sharded_src, tmp_path / "sh"), pair[1]]
+
+
+def _index(path: Path) -> dict:
+    return json.loads((path / INDEX).read_text())
+
+
+def _write_index(path: Path, weight_map) -> None:
+    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 # --- 3. strict headers: (bytes, does the safetensors library refuse them too?, what the message names) ------
@@ -173,3 +199,152 @@ def test_hostile_header_is_bounded_before_parsing(pair, tmp_path, capsys, case):
     (pair[0] / SINGLE).write_bytes(_st(HOSTILE[case](200_000), b"\0"))
     err = _run(tmp_path, pair, capsys)
     assert "is not a LoRA safetensors file" in err and "200000 tensors" in err
+
+
+# --- 1 and 7. confined reads --------------------------------------------------------------------------------
+
+
+def _outside(tmp_path: Path, pair) -> Path:
+    other = _copy(pair[1], tmp_path / "other")
+    return other / SINGLE
+
+
+@pytest.mark.parametrize("entry", ["../other/adapter_model.safetensors", "ABS", "sub/x.safetensors", "..", "",
+                                   "a\\b.safetensors", "a\0b"])
+def test_index_entries_must_be_plain_names(sharded, tmp_path, capsys, entry):
+    entry = str(_outside(tmp_path, sharded)) if entry == "ABS" else entry
+    wm = _index(sharded[0])["weight_map"]
+    wm[next(iter(wm))] = entry
+    _write_index(sharded[0], wm)
+    err = _run(tmp_path, sharded, capsys)
+    assert "'sh'" in err and repr(entry)[1:-1] in err and "plain file name" in err
+
+
+@pytest.mark.parametrize("file", [SINGLE, "adapter_config.json", "SHARD", INDEX])
+def test_symlink_out_of_the_adapter_is_refused(sharded, tmp_path, capsys, file):
+    adapter = sharded[0] if file in ("SHARD", INDEX) else sharded[1]
+    file = sorted(adapter.glob("adapter_model-*.safetensors"))[0].name if file == "SHARD" else file
+    target = tmp_path / "elsewhere" / file
+    target.parent.mkdir()
+    shutil.copy(adapter / file, target)
+    (adapter / file).unlink()
+    (adapter / file).symlink_to(target)
+    err = _run(tmp_path, sharded, capsys)
+    assert file in err and "outside the adapter's directory" in err and str(target) in err
+
+
+def test_symlink_inside_the_adapter_and_a_cache_root(pair, tmp_path):
+    """Links within the confinement root are followed, as a Hub cache's snapshots → blobs need."""
+    repo = tmp_path / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (SINGLE, "adapter_config.json"):
+        shutil.copy(pair[0] / f, blobs / f"sha-{f}")
+        (snap / f).symlink_to(Path("../../blobs") / f"sha-{f}")
+    spec = AdapterSpec(path=str(snap))
+    with pytest.raises(AdapterError, match="outside the adapter's directory"):
+        open_adapter(spec, 0)
+    adapter = open_adapter(spec, 0, root=str(repo))
+    assert adapter.files == (str(blobs / f"sha-{SINGLE}"),) and adapter.modules
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "directory", "fifo"])
+def test_weights_that_are_not_a_regular_file(pair, tmp_path, capsys, kind):
+    file = pair[0] / SINGLE
+    file.unlink()
+    make = {"loop": lambda: file.symlink_to(file.name), "dangling": lambda: file.symlink_to("gone"),
+            "directory": file.mkdir, "fifo": lambda: os.mkfifo(file)}
+    make[kind]()
+    err = _run(tmp_path, pair, capsys)
+    assert "in0" in err and str(file) in err
+
+
+def test_symlink_loop_as_adapter_path(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop.name)
+    with pytest.raises(AdapterError, match="cannot resolve the adapter path"):
+        open_adapter(AdapterSpec(path=str(loop)), 0)
+
+
+@pytest.mark.xfail(strict=True, reason="config/load.py resolves adapter paths with Path.resolve(), which raises "
+                                       "RuntimeError on a symlink loop before open_adapter runs")
+def test_symlink_loop_as_adapter_path_from_the_cli(pair, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop.name)
+    assert "loop" in _run(tmp_path, [pair[0], loop], capsys)
+
+
+# --- 5. sharded adapters are exact ----------------------------------------------------------------------
+
+
+def test_good_sharded_adapter_merges(sharded, tmp_path):
+    assert len(open_adapter(AdapterSpec(path=str(sharded[0])), 0).files) > 2
+    distmerge.merge(merge_config(AdapterSet("llama", sharded, [0.5, 0.5]), tmp_path / "out", "ties", density=0.5))
+    assert (tmp_path / "out" / SINGLE).exists()
+
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.glob("adapter_model-*.safetensors"))
+
+
+def _key_in_index_not_in_shard(path):
+    wm = _index(path)["weight_map"]
+    wm["base_model.model.extra.lora_A.weight"] = _shards(path)[0].name
+    _write_index(path, wm)
+    return "base_model.model.extra.lora_A.weight", "does not hold it"
+
+
+def _tensor_not_in_index(path):
+    wm = _index(path)["weight_map"]
+    gone = sorted(wm)[0]
+    del wm[gone]
+    _write_index(path, wm)
+    return gone, "does not list it"
+
+
+def _tensor_mapped_to_another_shard(path):
+    wm = _index(path)["weight_map"]
+    key = sorted(wm)[0]
+    wm[key] = next(s.name for s in _shards(path) if s.name != wm[key])
+    _write_index(path, wm)
+    return key, "maps it to"
+
+
+def _tensor_in_two_shards(path):
+    wm = _index(path)["weight_map"]
+    key = sorted(wm)[0]
+    other = next(s for s in _shards(path) if s.name != wm[key])
+    tensors = load_file(str(other))
+    tensors[key] = load_file(str(path / wm[key]))[key]
+    save_file(tensors, str(other))
+    return key, "is in both"
+
+
+def _unlisted_shard(path):
+    shutil.copy(_shards(path)[0], path / "adapter_model-extra.safetensors")
+    return "adapter_model-extra.safetensors", "does not list"
+
+
+def _missing_shard(path):
+    gone = _shards(path)[-1]
+    gone.unlink()
+    return gone.name, "missing"
+
+
+SHARD_BREAKS = {"key_not_in_shard": _key_in_index_not_in_shard, "tensor_not_in_index": _tensor_not_in_index,
+                "mapped_elsewhere": _tensor_mapped_to_another_shard, "in_two_shards": _tensor_in_two_shards,
+                "unlisted_file": _unlisted_shard, "missing_shard": _missing_shard}
+
+
+@pytest.mark.parametrize("case", SHARD_BREAKS)
+def test_sharded_adapter_must_be_exact(sharded, tmp_path, capsys, case):
+    named, why = SHARD_BREAKS[case](sharded[0])
+    err = _run(tmp_path, sharded, capsys)
+    assert "'sh'" in err and why in err and named in err, err
+
+
+@pytest.mark.parametrize("doc", [[], {"weight_map": []}, {"weight_map": {"t": 1}}, {"metadata": {}}])
+def test_index_shape(sharded, tmp_path, capsys, doc):
+    (sharded[0] / INDEX).write_text(json.dumps(doc))
+    assert "is not a valid index" in _run(tmp_path, sharded, capsys)
