@@ -1,5 +1,5 @@
 """Hostile inputs: headers validated as strictly as safetensors does (the library is the oracle), no file
-read from outside an adapter, sharded adapters exact; one line, exit 2."""
+read from outside an adapter, sharded adapters exact, adapter_config.json checked; one line, exit 2."""
 
 from __future__ import annotations
 
@@ -348,3 +348,63 @@ def test_sharded_adapter_must_be_exact(sharded, tmp_path, capsys, case):
 def test_index_shape(sharded, tmp_path, capsys, doc):
     (sharded[0] / INDEX).write_text(json.dumps(doc))
     assert "is not a valid index" in _run(tmp_path, sharded, capsys)
+
+
+# --- 6. adapter_config.json --------------------------------------------------------------------------------
+
+
+def _raw_config(path: Path, key: str, raw: str) -> None:
+    """Set key to raw JSON text, which may be what json.dumps never writes (NaN, 5000 digits)."""
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[key] = "@@"
+    (path / "adapter_config.json").write_text(json.dumps(cfg).replace('"@@"', raw))
+
+
+CONFIGS = [  # (key, raw JSON value, what the message says)
+    ("r", "4.5", "r=4.5, expected a positive integer"), ("r", "4.0", "r=4.0, expected a positive integer"),
+    ("r", '"4"', "r='4', expected a positive integer"), ("r", "true", "r=True, expected a positive integer"),
+    ("r", "0", "r=0, expected"), ("r", "NaN", "r=nan, expected"), ("r", "Infinity", "r=inf, expected"),
+    ("r", "1" + "0" * 400, "r=1000"),
+    ("lora_alpha", "NaN", "lora_alpha=nan, expected a positive finite number"),
+    ("lora_alpha", "-Infinity", "lora_alpha=-inf, expected"), ("lora_alpha", "1e400", "lora_alpha=inf, expected"),
+    ("lora_alpha", '"8"', "lora_alpha='8', expected"),
+    ("rank_pattern", '["q_proj", 2]', "rank_pattern=['q_proj', 2], expected an object"),
+    ("rank_pattern", '"q_proj"', "rank_pattern='q_proj', expected an object"),
+    ("rank_pattern", '{"q_proj(": 4}', "rank_pattern key 'q_proj(', which is not a valid regular expression"),
+    ("rank_pattern", '{"a)|(b": 4}', "rank_pattern key 'a)|(b', which is not a valid regular expression"),
+    ("rank_pattern", '{"q_proj": 2.5}', "rank_pattern['q_proj']=2.5, expected a positive integer"),
+    ("rank_pattern", '{"q_proj": 0}', "rank_pattern['q_proj']=0, expected"),
+    ("rank_pattern", '{"q_proj": NaN}', "rank_pattern['q_proj']=nan, expected"),
+    ("alpha_pattern", "[8]", "alpha_pattern=[8], expected an object"),
+    ("alpha_pattern", '{"[v": 3}', "alpha_pattern key '[v', which is not a valid regular expression"),
+    ("alpha_pattern", '{"v_proj": Infinity}', "alpha_pattern['v_proj']=inf, expected a positive finite number"),
+    ("alpha_pattern", '{"v_proj": -3}', "alpha_pattern['v_proj']=-3, expected"),
+    ("target_modules", '[["q_proj"]]', "target_modules=[['q_proj']], expected a regex string or a list"),
+    ("modules_to_save", '"lm_head"', "modules_to_save='lm_head', expected a list of module names"),
+    ("base_model_name_or_path", '{"a": 1}', "base_model_name_or_path={'a': 1}, expected a string"),
+    ("r", "9" * 5000, "holds a number too long to parse"),
+    ("lora_dropout", "[" * 100_000 + "]" * 100_000, "nests JSON too deeply"),
+]
+
+
+@pytest.mark.parametrize("key, raw, why", CONFIGS, ids=[f"{k}={r[:12]}" for k, r, _ in CONFIGS])
+def test_config_values(pair, tmp_path, capsys, key, raw, why):
+    _raw_config(pair[0], key, raw)
+    err = _run(tmp_path, pair, capsys)
+    assert "in0" in err and str(pair[0] / "adapter_config.json") in err and why in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("raw, why", [(b'{"r": 4, "r": 8}', "'r' twice"), (b'{"r": 4\xff}', "not UTF-8"),
+                                      (b"\xef\xbb\xbf{}", "not valid JSON")])
+def test_config_file(pair, tmp_path, capsys, raw, why):
+    (pair[0] / "adapter_config.json").write_bytes(raw)
+    err = _run(tmp_path, pair, capsys)
+    assert "in0" in err and why in err and "\\xff" not in err, err
+
+
+def test_integral_lora_alpha_float_is_accepted(pair):
+    _raw_config(pair[0], "lora_alpha", "8.0")
+    _raw_config(pair[0], "alpha_pattern", '{"v_proj": 3.5}')
+    adapter = open_adapter(AdapterSpec(path=str(pair[0])), 0)
+    assert {m.alpha for m in adapter.modules.values()} == {8.0, 3.5}

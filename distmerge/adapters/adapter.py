@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from distmerge import lora
 from distmerge.adapters.header import FLOAT_DTYPES, BadJSON, TensorInfo, json_kind, load_json, read_header, show
@@ -19,6 +20,13 @@ INDEX = "adapter_model.safetensors.index.json"
 SHARD_GLOB = "adapter_model*.safetensors"
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_CONFIG, MAX_INDEX = 16 * 2**20, 64 * 2**20  # a LoraConfig is kB, an index of 200k tensors ~30 MB
+# PEFT builds nn.Linear(in, r) from r, so r must be an int: 8.0 fails in torch there, and distmerge would
+# write an adapter PEFT cannot load. Integral floats are refused, not rounded. lora_alpha may be a float.
+NUMBERS = {"r": True, "lora_alpha": False}  # key: integer?
+PATTERNS = {"rank_pattern": True, "alpha_pattern": False}
+# Keys the planner sorts, joins and copies into the output config: a wrong type there is a traceback.
+NAME_KEYS = {"target_modules": ((str, list), "a regex string or a list of module names"),
+             "modules_to_save": (list, "a list of module names"), "base_model_name_or_path": (str, "a string")}
 # init_lora_weights values whose saved factors are relative to a base that PEFT mutated at init.
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -146,11 +154,50 @@ def _read_config(path: str, root: str, name: str) -> dict[str, Any]:
     for bad, why in refusals:
         if bad:
             raise AdapterError(f"adapter {name!r}: {why}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise AdapterError(f"adapter {name!r}: adapter_config.json has {key}={cfg.get(key)!r}, "
-                               f"expected a positive number")
+    for problem in _config_problems(cfg):
+        raise AdapterError(f"adapter {name!r}: {file} has {problem}")
     return cfg
+
+
+def _config_problems(cfg: dict[str, Any]) -> Iterator[str]:
+    """What in a LoraConfig would make a traceback or a wrong merge, each as 'key=value, expected ...'."""
+    for key, integer in NUMBERS.items():
+        if not _positive(cfg.get(key), integer):
+            yield f"{key}={show(cfg.get(key))}, expected a positive {'integer' if integer else 'finite number'}"
+    for key, integer in PATTERNS.items():
+        yield from _pattern_problems(key, cfg.get(key), integer)
+    for key, (kinds, want) in NAME_KEYS.items():
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, kinds) and _all_str(value)):
+            yield f"{key}={show(value)}, expected {want}"
+
+
+def _positive(value: Any, integer: bool) -> bool:
+    """A positive number PEFT can use: not a bool, finite as a float, and an int where PEFT needs one."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float: PEFT's alpha / r would fail on it
+        return False
+
+
+def _pattern_problems(key: str, patterns: Any, integer: bool) -> Iterator[str]:
+    if patterns is None:  # absent or null: PEFT's default, no pattern
+        return
+    if not isinstance(patterns, dict):
+        yield f"{key}={show(patterns)}, expected an object of module regex → value"
+        return
+    for p, value in patterns.items():
+        if not lora.valid_pattern(p):
+            yield f"{key} key {show(p)}, which is not a valid regular expression; fix or remove it"
+        elif not _positive(value, integer):
+            yield (f"{key}[{show(p)}]={show(value)}, expected a positive "
+                   f"{'integer' if integer else 'finite number'}")
+
+
+def _all_str(value: Any) -> bool:
+    return isinstance(value, str) or all(isinstance(x, str) for x in value)
 
 
 def _weights(path: str, root: str, name: str) -> dict[str, dict[str, TensorInfo]]:
