@@ -41,9 +41,24 @@ def match_pattern(patterns: Mapping[str, float], module: str, default):
     """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
     key = pattern_key(module)
     for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
+        if _pattern_regex(p).match(key):
             return patterns[p]
     return default
+
+
+def valid_pattern(p: str) -> bool:
+    """Whether a rank_pattern/alpha_pattern key is a regex on its own (so "a)|(b" cannot rewrite the group it
+    is wrapped in) and in the form match_pattern uses."""
+    try:
+        re.compile(p)
+        _pattern_regex(p)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _pattern_regex(p: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({p})$")
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:

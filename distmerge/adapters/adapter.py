@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import json
+import fnmatch
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from distmerge import lora
-from distmerge.adapters.header import FLOAT_DTYPES, TensorInfo, read_header
+from distmerge.adapters.header import FLOAT_DTYPES, BadJSON, TensorInfo, json_kind, load_json, read_header, show
 from distmerge.config.schema import AdapterSpec
 from distmerge.errors import AdapterError
 
 SINGLE = "adapter_model.safetensors"
 INDEX = "adapter_model.safetensors.index.json"
+SHARD_GLOB = "adapter_model*.safetensors"
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG, MAX_INDEX = 16 * 2**20, 64 * 2**20  # a LoraConfig is kB, an index of 200k tensors ~30 MB
+# PEFT builds nn.Linear(in, r) from r, so r must be an int: 8.0 fails in torch there, and distmerge would
+# write an adapter PEFT cannot load. Integral floats are refused, not rounded. lora_alpha may be a float.
+NUMBERS = {"r": True, "lora_alpha": False}  # key: integer?
+PATTERNS = {"rank_pattern": True, "alpha_pattern": False}
+# Keys the planner sorts, joins and copies into the output config: a wrong type there is a traceback.
+NAME_KEYS = {"target_modules": ((str, list), "a regex string or a list of module names"),
+             "modules_to_save": (list, "a list of module names"), "base_model_name_or_path": (str, "a string")}
 # init_lora_weights values whose saved factors are relative to a base that PEFT mutated at init.
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -59,73 +70,150 @@ class Adapter:
         return {t.dtype for m in self.modules.values() for t in (m.a, m.b)}
 
 
-def open_adapter(spec: AdapterSpec, index: int) -> Adapter:
-    """Read an adapter directory's config and safetensors headers; refuse what cannot merge correctly."""
+def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adapter:
+    """Read an adapter directory's config and safetensors headers; refuse what cannot merge correctly.
+
+    Every file read must resolve inside `root` (default: the adapter directory itself); a Hub cache
+    passes the repo's cache folder, whose snapshot files are symlinks into its blobs.
+    """
     name = spec.name or Path(spec.path).name
-    cfg = _read_config(spec.path, name)
-    files = _weight_files(spec.path, name)
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        found, _ = read_header(f, name)
-        tensors.update(found)
+    root = _real_dir(root or spec.path, name)
+    cfg = _read_config(spec.path, root, name)
+    found = _weights(spec.path, root, name)
+    tensors = {t: info for part in found.values() for t, info in part.items()}
     modules, extras = _modules(tensors, cfg, name)
     if not modules:
         raise AdapterError(f"adapter {name!r}: {spec.path} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
-    return Adapter(index, name, spec.path, spec.weight, cfg, tuple(files), modules, extras)
+    return Adapter(index, name, spec.path, spec.weight, cfg, tuple(found), modules, extras)
 
 
-def _read_config(path: str, name: str) -> dict[str, Any]:
-    file = os.path.join(path, "adapter_config.json")
+def confined(path: str, root: str, name: str) -> str:
+    """path's real location, after symlinks, if it is a regular file inside root; AdapterError otherwise.
+
+    Every file an adapter reads passes here, so that an index entry, an absolute path or a symlink cannot
+    make distmerge read a file that is not the adapter's, merge it and copy it into the output.
+    """
     try:
-        with open(file) as f:
-            cfg = json.load(f)
+        real = os.path.realpath(path, strict=True)  # strict: a loop or a dangling link raises OSError
+        regular = stat.S_ISREG(os.stat(real).st_mode)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {path}: {getattr(e, 'strerror', None) or e}; "
+                           f"check the path and its symlinks") from None
+    if os.path.commonpath([real, root]) != root:
+        raise AdapterError(f"adapter {name!r}: {path} resolves to {real}, outside the adapter's directory "
+                           f"{root}; an adapter may read only its own files: copy the file in instead of linking")
+    if not regular:
+        raise AdapterError(f"adapter {name!r}: {path} is not a regular file; replace it with the adapter's file")
+    return real
+
+
+def _real_dir(path: str, name: str) -> str:
+    try:
+        return os.path.realpath(path, strict=True)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot resolve the adapter path {path}: "
+                           f"{getattr(e, 'strerror', None) or e}; check the path and its symlinks") from None
+
+
+def _read_json(file: str, name: str, limit: int) -> Any:
+    """A small JSON file of the adapter, read in binary and decoded strictly; AdapterError quoting none of it."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(limit + 1)
     except OSError as e:
         raise AdapterError(f"adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"adapter {name!r}: {file} is not valid JSON ({e}); re-save the adapter") from None
+    if len(raw) > limit:
+        raise AdapterError(f"adapter {name!r}: {file} is larger than {limit >> 20} MiB; it is not a PEFT "
+                           f"adapter file, re-save the adapter")
+    try:
+        return load_json(raw)
+    except BadJSON as e:
+        raise AdapterError(f"adapter {name!r}: {file} {e}; re-save the adapter with save_pretrained") from None
+
+
+def _read_config(path: str, root: str, name: str) -> dict[str, Any]:
+    file = confined(os.path.join(path, "adapter_config.json"), root, name)
+    cfg = _read_json(file, name, MAX_CONFIG)
     if not isinstance(cfg, dict):
-        raise AdapterError(f"adapter {name!r}: {file} must hold a JSON object (a LoraConfig)")
+        raise AdapterError(f"adapter {name!r}: {file} must hold a JSON object (a LoraConfig), found "
+                           f"{json_kind(cfg)}")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'; "
+        raise AdapterError(f"adapter {name!r}: peft_type is {show(cfg.get('peft_type'))}, expected 'LORA'; "
                            f"distmerge merges LoRA adapters only")
     refusals = [
         (cfg.get("use_dora"), "use_dora is true: DoRA's magnitude vectors cannot be merged as LoRA factors"),
         (cfg.get("lora_bias"), "lora_bias is true: the lora_B biases have no merge rule in PEFT"),
-        (cfg.get("bias", "none") != "none", f"bias is {cfg.get('bias')!r}: trained base biases would be dropped "
-                                             f"by the merge; retrain with bias='none'"),
+        (cfg.get("bias", "none") != "none", f"bias is {show(cfg.get('bias'))}: trained base biases would be "
+                                             f"dropped by the merge; retrain with bias='none'"),
         (cfg.get("target_parameters"), "target_parameters is set: PEFT cannot merge adapters on nn.Parameter"),
         (str(cfg.get("init_lora_weights", True)).lower().startswith(MUTATING_INITS),
-         f"init_lora_weights is {cfg.get('init_lora_weights')!r}: its factors are relative to a base that "
+         f"init_lora_weights is {show(cfg.get('init_lora_weights'))}: its factors are relative to a base that "
          f"PEFT modified; convert it to a plain LoRA (path_initial_model_for_weight_conversion) first"),
     ]
     for bad, why in refusals:
         if bad:
             raise AdapterError(f"adapter {name!r}: {why}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise AdapterError(f"adapter {name!r}: adapter_config.json has {key}={cfg.get(key)!r}, "
-                               f"expected a positive number")
+    for problem in _config_problems(cfg):
+        raise AdapterError(f"adapter {name!r}: {file} has {problem}")
     return cfg
 
 
-def _weight_files(path: str, name: str) -> list[str]:
+def _config_problems(cfg: dict[str, Any]) -> Iterator[str]:
+    """What in a LoraConfig would make a traceback or a wrong merge, each as 'key=value, expected ...'."""
+    for key, integer in NUMBERS.items():
+        if not _positive(cfg.get(key), integer):
+            yield f"{key}={show(cfg.get(key))}, expected a positive {'integer' if integer else 'finite number'}"
+    for key, integer in PATTERNS.items():
+        yield from _pattern_problems(key, cfg.get(key), integer)
+    for key, (kinds, want) in NAME_KEYS.items():
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, kinds) and _all_str(value)):
+            yield f"{key}={show(value)}, expected {want}"
+
+
+def _positive(value: Any, integer: bool) -> bool:
+    """A positive number PEFT can use: not a bool, finite as a float, and an int where PEFT needs one."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float: PEFT's alpha / r would fail on it
+        return False
+
+
+def _pattern_problems(key: str, patterns: Any, integer: bool) -> Iterator[str]:
+    if patterns is None:  # absent or null: PEFT's default, no pattern
+        return
+    if not isinstance(patterns, dict):
+        yield f"{key}={show(patterns)}, expected an object of module regex → value"
+        return
+    for p, value in patterns.items():
+        if not lora.valid_pattern(p):
+            yield f"{key} key {show(p)}, which is not a valid regular expression; fix or remove it"
+        elif not _positive(value, integer):
+            yield (f"{key}[{show(p)}]={show(value)}, expected a positive "
+                   f"{'integer' if integer else 'finite number'}")
+
+
+def _all_str(value: Any) -> bool:
+    return isinstance(value, str) or all(isinstance(x, str) for x in value)
+
+
+def _weights(path: str, root: str, name: str) -> dict[str, dict[str, TensorInfo]]:
+    """{real file: its tensors} for the single weights file, or for every shard the index names, which must
+    hold exactly the tensors the index maps to them; every file confined to root."""
     single, index = os.path.join(path, SINGLE), os.path.join(path, INDEX)
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted({os.path.join(path, v) for v in weight_map.values()})
-        except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
-            raise AdapterError(f"adapter {name!r}: {index} is not a valid index ({type(e).__name__}: {e}); "
-                               f"it needs a weight_map of tensor name → file") from None
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise AdapterError(f"adapter {name!r}: {index} names {os.path.basename(missing[0])}, which is missing "
-                               f"from {path}; copy the complete adapter")
-        return files
+    if os.path.lexists(single):
+        real = confined(single, root, name)
+        return {real: read_header(real, name)[0]}
+    if os.path.lexists(index):
+        weight_map = _read_index(confined(index, root, name), name)
+        _refuse_unlisted(path, set(weight_map.values()), name)
+        shards = {f: confined(_shard_path(path, index, f, name), root, name) for f in sorted(set(weight_map.values()))}
+        found = {f: read_header(real, name)[0] for f, real in shards.items()}
+        _check_shards(found, weight_map, index, name)
+        return {shards[f]: tensors for f, tensors in found.items()}
     pickles = [p for p in PICKLES if os.path.isfile(os.path.join(path, p))]
     if pickles:
         raise AdapterError(
@@ -133,6 +221,66 @@ def _weight_files(path: str, name: str) -> list[str]:
             f"pickles (loading one can run code). Convert it once, in a trusted environment: "
             f"PeftModel.from_pretrained(base, path).save_pretrained(path, safe_serialization=True)")
     raise AdapterError(f"adapter {name!r}: {path} has no {SINGLE} or {INDEX}; save it with save_pretrained")
+
+
+def _read_index(index: str, name: str) -> dict[str, str]:
+    """The index's weight_map, tensor name → plain file name in the adapter directory."""
+    doc = _read_json(index, name, MAX_INDEX)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise AdapterError(f"adapter {name!r}: {index} is not a valid index: it needs an object with a weight_map "
+                           f"of tensor name → file name; re-save the adapter")
+    bad = next((f for f in weight_map.values() if not _plain_name(f)), None)
+    if bad is not None:
+        raise AdapterError(f"adapter {name!r}: {index} maps tensors to {show(bad)}, expected a plain file name in "
+                           f"the adapter directory (no directories, no absolute paths); copy the shard into the "
+                           f"adapter directory and name it alone")
+    return weight_map
+
+
+def _plain_name(file: str) -> bool:
+    return file not in ("", ".", "..") and not any(c in file for c in "/\\\0")
+
+
+def _shard_path(path: str, index: str, file: str, name: str) -> str:
+    shard = os.path.join(path, file)
+    if not os.path.lexists(shard):
+        raise AdapterError(f"adapter {name!r}: {index} names {file}, which is missing from {path}; "
+                           f"copy the complete adapter")
+    return shard
+
+
+def _refuse_unlisted(path: str, listed: set[str], name: str) -> None:
+    """A weights file the index does not list is refused: distmerge will not guess whether it belongs."""
+    try:
+        present = sorted(f for f in os.listdir(path) if fnmatch.fnmatchcase(f, SHARD_GLOB))
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot list {path}: {e.strerror or e}") from None
+    unlisted = [f for f in present if f not in listed]
+    if unlisted:
+        raise AdapterError(f"adapter {name!r}: {path} holds {unlisted[0]}, which its index {INDEX} does not list; "
+                           f"remove the file, or re-save the adapter so that the index names every shard")
+
+
+def _check_shards(found: dict[str, dict[str, TensorInfo]], weight_map: dict[str, str], index: str,
+                  name: str) -> None:
+    """Each tensor in exactly one shard, the one the index maps it to, and every indexed tensor present."""
+    home: dict[str, str] = {}
+    for file, tensors in found.items():
+        for t in tensors:
+            if t in home:
+                raise AdapterError(f"adapter {name!r}: tensor {show(t)} is in both {home[t]} and {file}; "
+                                   f"a tensor must be in one shard only — re-save the adapter")
+            home[t] = file
+    for t, file in home.items():
+        if weight_map.get(t) != file:
+            listed = f"maps it to {weight_map[t]}" if t in weight_map else "does not list it"
+            raise AdapterError(f"adapter {name!r}: {file} holds tensor {show(t)}, but {index} {listed}; "
+                               f"the index and the shards disagree — re-save the adapter")
+    for t, file in weight_map.items():
+        if t not in home:
+            raise AdapterError(f"adapter {name!r}: {index} maps tensor {show(t)} to {file}, which does not hold "
+                               f"it; the index and the shards disagree — re-save the adapter")
 
 
 def _modules(tensors: dict[str, TensorInfo], cfg: dict, name: str):
