@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distmerge import lora
+from distmerge.adapters.pin import Stamp
 from distmerge.adapters.header import FLOAT_DTYPES, BadJSON, TensorInfo, json_kind, load_json, read_header, show
 from distmerge.config.schema import AdapterSpec
 from distmerge.errors import AdapterError
@@ -54,6 +55,8 @@ class Adapter:
     files: tuple[str, ...]
     modules: dict[str, LoraModule] = field(repr=False)
     extras: dict[str, TensorInfo] = field(repr=False)  # modules_to_save, saved embedding base layers
+    config_file: str = ""  # adapter_config.json, resolved
+    stamps: dict[str, Stamp] = field(default_factory=dict, repr=False)  # every file read, as planned
 
     @property
     def nbytes(self) -> int:
@@ -78,13 +81,15 @@ def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adap
     """
     name = spec.name or Path(spec.path).name
     root = _real_dir(root or spec.path, name)
-    cfg = _read_config(spec.path, root, name)
+    cfg, config_file, config_stamp = _read_config(spec.path, root, name)
     found = _weights(spec.path, root, name)
     tensors = {t: info for part in found.values() for t, info in part.items()}
     modules, extras = _modules(tensors, cfg, name)
     if not modules:
         raise AdapterError(f"adapter {name!r}: {spec.path} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
-    return Adapter(index, name, spec.path, spec.weight, cfg, tuple(found), modules, extras)
+    stamps = {info.file: info.stamp for info in tensors.values()}
+    stamps[config_file] = config_stamp
+    return Adapter(index, name, spec.path, spec.weight, cfg, tuple(found), modules, extras, config_file, stamps)
 
 
 def confined(path: str, root: str, name: str) -> str:
@@ -115,10 +120,11 @@ def _real_dir(path: str, name: str) -> str:
                            f"{getattr(e, 'strerror', None) or e}; check the path and its symlinks") from None
 
 
-def _read_json(file: str, name: str, limit: int) -> Any:
+def _read_json(file: str, name: str, limit: int) -> tuple[Any, Stamp]:
     """A small JSON file of the adapter, read in binary and decoded strictly; AdapterError quoting none of it."""
     try:
         with open(file, "rb") as f:
+            stamp = Stamp.of(f.fileno())
             raw = f.read(limit + 1)
     except OSError as e:
         raise AdapterError(f"adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
@@ -126,14 +132,15 @@ def _read_json(file: str, name: str, limit: int) -> Any:
         raise AdapterError(f"adapter {name!r}: {file} is larger than {limit >> 20} MiB; it is not a PEFT "
                            f"adapter file, re-save the adapter")
     try:
-        return load_json(raw)
+        return load_json(raw), stamp
     except BadJSON as e:
         raise AdapterError(f"adapter {name!r}: {file} {e}; re-save the adapter with save_pretrained") from None
 
 
-def _read_config(path: str, root: str, name: str) -> dict[str, Any]:
+def _read_config(path: str, root: str, name: str) -> tuple[dict[str, Any], str, Stamp]:
+    """The LoraConfig, checked; with the file it came from and that file's stamp."""
     file = confined(os.path.join(path, "adapter_config.json"), root, name)
-    cfg = _read_json(file, name, MAX_CONFIG)
+    cfg, stamp = _read_json(file, name, MAX_CONFIG)
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter {name!r}: {file} must hold a JSON object (a LoraConfig), found "
                            f"{json_kind(cfg)}")
@@ -156,7 +163,7 @@ def _read_config(path: str, root: str, name: str) -> dict[str, Any]:
             raise AdapterError(f"adapter {name!r}: {why}")
     for problem in _config_problems(cfg):
         raise AdapterError(f"adapter {name!r}: {file} has {problem}")
-    return cfg
+    return cfg, file, stamp
 
 
 def _config_problems(cfg: dict[str, Any]) -> Iterator[str]:
@@ -225,7 +232,7 @@ def _weights(path: str, root: str, name: str) -> dict[str, dict[str, TensorInfo]
 
 def _read_index(index: str, name: str) -> dict[str, str]:
     """The index's weight_map, tensor name → plain file name in the adapter directory."""
-    doc = _read_json(index, name, MAX_INDEX)
+    doc, _ = _read_json(index, name, MAX_INDEX)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise AdapterError(f"adapter {name!r}: {index} is not a valid index: it needs an object with a weight_map "

@@ -11,10 +11,11 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from distmerge.adapters.pin import Stamp
 from distmerge.errors import AdapterError
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -56,6 +57,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in file
     end: int
+    stamp: Optional[Stamp] = None  # the input file as planned (size, mtime, inode); None for distmerge's own parts
 
     @property
     def nbytes(self) -> int:
@@ -70,13 +72,13 @@ def read_header(path: str, owner: str = "") -> tuple[dict[str, TensorInfo], dict
     """Tensors and metadata of one safetensors file, validated as the safetensors library does and stricter
     (no duplicate keys, no unknown fields, no empty tensors); AdapterError naming file and tensor otherwise."""
     where = f"adapter {owner!r}: {path}" if owner else path
-    raw, data_size = _raw_header(path, where)
+    raw, data_size, stamp = _raw_header(path, where)
     header = _parse_header(raw, where)
     metadata = _metadata(header.pop("__metadata__", {}), where)
     spans = {name: _entry(name, entry, data_size, where) for name, entry in header.items()}
     _check_tiling(spans, data_size, where)
     base = 8 + len(raw)
-    return {name: TensorInfo(name, path, dtype, shape, base + b, base + e)
+    return {name: TensorInfo(name, path, dtype, shape, base + b, base + e, stamp)
             for name, (dtype, shape, b, e) in spans.items()}, metadata
 
 
@@ -115,11 +117,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _raw_header(path: str, where: str) -> tuple[bytes, int]:
-    """The header's bytes and the size of the data section after it."""
+def _raw_header(path: str, where: str) -> tuple[bytes, int, Stamp]:
+    """The header's bytes, the size of the data section after it, and the file's stamp, all from one open file."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            stamp = Stamp.of(f.fileno())
+            size = stamp.size
             n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
             if size < 8 or n > MAX_HEADER or 8 + n > size:  # n is the file's own bytes: never printed
                 raise AdapterError(f"{where} is not a safetensors file: its first 8 bytes do not give a header "
@@ -127,7 +130,7 @@ def _raw_header(path: str, where: str) -> tuple[bytes, int]:
             raw = f.read(n)
     except OSError as e:
         raise AdapterError(f"{where}: cannot read it: {e.strerror or e}; check the path and permissions") from None
-    return raw, size - 8 - n
+    return raw, size - 8 - n, stamp
 
 
 def _parse_header(raw: bytes, where: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from distmerge.adapters import pin
 from distmerge.adapters.header import TORCH_DTYPES, TensorInfo
 from distmerge.errors import MergeError
 
@@ -24,31 +25,48 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 class TensorReader:
-    """One file descriptor per file for the life of a shard; use as a context manager."""
+    """One file descriptor per file for the life of a shard; use as a context manager.
+
+    Each input file is checked against its planned stamp when opened and again when the shard is done
+    with it (adapters/pin.py), so a file rewritten during the merge fails the merge instead of mixing in.
+    """
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, tuple[int, TensorInfo]] = {}
+        self._owners: dict[str, str] = {}
 
     def __enter__(self) -> "TensorReader":
         return self
 
-    def __exit__(self, *exc) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                for fd, info in self._fds.values():
+                    pin.check(fd, info.file, info.stamp, self._owners.get(info.file, "?"))
+        finally:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+    def _fd(self, info: TensorInfo, owner: str) -> int:
+        entry = self._fds.get(info.file)
+        if entry is None:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                pin.check(fd, info.file, info.stamp, owner)
+            except BaseException:
+                os.close(fd)
+                raise
+            entry = self._fds[info.file] = (fd, info)
+            self._owners[info.file] = owner
+        return entry[0]
 
     def read_into(self, info: TensorInfo, owner: str, out: torch.Tensor) -> None:
         """Tensor info's stored bytes into `out` (uint8, info.nbytes long), e.g. a slot of a reused buffer."""
         view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
         done = 0
         try:
-            fd = self._fd(info.file)
+            fd = self._fd(info, owner)
             while done < info.nbytes:
                 n = os.preadv(fd, [view[done:done + READ_CHUNK]], info.begin + done)
                 if n == 0:

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from distmerge.adapters.header import DTYPE_SIZES, ST_DTYPES, TensorInfo
+from distmerge.adapters.pin import sha256_stream
 from distmerge.errors import output_error
 
 COPY_CHUNK = 4 * 2**20  # one reused buffer: the peak must not depend on file sizes
@@ -145,9 +146,5 @@ def copy_tensors(path: str, tensors: Iterable[TensorInfo], metadata: dict[str, s
 
 
 def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(2**20))
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
+        return sha256_stream(f)
