@@ -88,6 +88,7 @@ class ShardTask:
     staging: str = ""
     device: str = "auto"
     threads: int = 1  # torch threads for the math: fixed by config, since BLAS bits depend on it
+    job: str = ""  # the batch recipe it belongs to: a pool runs the tasks of many jobs at once
 
     @property
     def part_name(self) -> str:
@@ -131,7 +132,8 @@ class Plan:
     def out_bytes(self) -> int:
         return sum(j.out_bytes for j in self.jobs) + sum(p.nbytes for p in self.passthrough)
 
-    def shard(self, num_tasks: int, staging: str = "", device: str = "auto", threads: int = 1) -> list[ShardTask]:
+    def shard(self, num_tasks: int, staging: str = "", device: str = "auto", threads: int = 1,
+              job: str = "") -> list[ShardTask]:
         """Split the jobs into at most num_tasks tasks of balanced cost (longest first, to the lightest)."""
         items = [(j.cost, 0, i) for i, j in enumerate(self.jobs)]
         items += [(p.nbytes / READ_BYTES_PER_S, 1, i) for i, p in enumerate(self.passthrough)]
@@ -149,7 +151,7 @@ class Plan:
                 index=k, method=self.method, spec=self.spec, out_dtype=self.out_dtype,
                 modules=tuple(self.jobs[i] for kind, i in group if kind == 0),
                 passthrough=tuple(self.passthrough[i] for kind, i in group if kind == 1),
-                staging=staging, device=device, threads=threads))
+                staging=staging, device=device, threads=threads, job=job))
         return tasks
 
 

@@ -315,7 +315,7 @@ def test_duplicate_yaml_key_is_named(inputs, tmp_path, capsys):
 def test_an_internal_bug_is_reported_as_one(inputs, tmp_path, capsys, monkeypatch):
     def bug(*a, **k):
         raise ZeroDivisionError("division by zero")
-    monkeypatch.setattr("distmerge.driver.build_plan", bug)
+    monkeypatch.setattr("distmerge.job.build_plan", bug)
     code = main(["merge", str(_write_cfg(tmp_path, _cfg(inputs, tmp_path / "out")))])
     err = capsys.readouterr().err
     assert code == 1 and "internal error: ZeroDivisionError" in err and "file an issue" in err
@@ -324,3 +324,61 @@ def test_an_internal_bug_is_reported_as_one(inputs, tmp_path, capsys, monkeypatc
     saved.unlink()
     assert not (tmp_path / "out").exists() and _debris(tmp_path) == []
 
+
+
+# --- inputs are pinned: the bytes merged are the bytes planned and hashed --------------------------------------
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_an_input_changed_after_planning_fails_the_merge(inputs, tmp_path, capsys, monkeypatch, how):
+    import distmerge.job
+
+    target = inputs / "task1" / "adapter_model.safetensors"
+    tensors = load_file(str(target))
+    real_plan = distmerge.job.build_plan
+
+    def plan_then_change(*args):
+        plan = real_plan(*args)
+        changed = {k: v * 2 for k, v in tensors.items()}
+        if how == "replaced":  # a new file renamed over the old one (an rsync, a re-download)
+            save_file(changed, str(target) + ".new")
+            os.replace(str(target) + ".new", target)
+        else:  # the same inode, same size, new bytes (a writer in place)
+            with open(target, "r+b") as f:
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\x00\x00\x80\x7f")
+            os.utime(target, ns=(1, 1))
+        return plan
+    monkeypatch.setattr(distmerge.job, "build_plan", plan_then_change)
+    err = _refused(capsys, _write_cfg(tmp_path, _cfg(inputs, tmp_path / "out")))
+    assert str(target) in err and "after the merge was planned" in err
+    assert ("replaced by another file" if how == "replaced" else "modified") in err
+    assert not (tmp_path / "out").exists() and _debris(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_an_input_replaced_while_a_real_merge_runs(slow_inputs, tmp_path):
+    """A real process: either the merge ends before the swap (and its manifest hashes the bytes it merged)
+    or it refuses; never an output that mixes the two files, or a hash of the new one."""
+    shelf = tmp_path / "shelf"
+    for p in slow_inputs:
+        shutil.copytree(p, shelf / Path(p).name)
+    target = shelf / "a1" / "adapter_model.safetensors"
+    old_sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    cfg = {"adapters": [{"path": str(p)} for p in sorted(shelf.iterdir())], "merge": {"method": "ties_svd",
+           "density": 0.5}, "output": {"path": str(out)}, "runtime": {"executor": "local", "progress": False}}
+    proc = _merge_process(_write_cfg(tmp_path, cfg))
+    _wait_for_staging(tmp_path, proc)
+    tensors = load_file(str(target))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "new.safetensors"))
+    os.replace(tmp_path / "new.safetensors", target)
+    code = proc.wait(timeout=300)
+    err = proc.stderr.read()
+    if code == 0:
+        manifest = json.loads((out / "distmerge.json").read_text())
+        recorded = {f["file"]: f["sha256"] for i in manifest["inputs"] for f in i["files"]}
+        assert recorded[str(target)] == old_sha
+    else:
+        assert code == 2 and "replaced by another file" in err and "Traceback" not in err, err
+        assert not out.exists() and _debris(tmp_path) == []

@@ -10,12 +10,12 @@ import sys
 import tempfile
 import traceback
 
-from distmerge.cli import demo, merge, methods, plan
+from distmerge.cli import batch, demo, merge, methods, plan
 from distmerge.errors import DistmergeError, Terminated
 
 ISSUES = "https://github.com/distmerge/distmerge/issues"
 
-SUBCOMMANDS = (merge, plan, methods, demo)
+SUBCOMMANDS = (merge, batch, plan, methods, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after a flag (`batch ZOO --only x key=value`) still are overrides
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[distmerge] %(message)s",
                         stream=sys.stderr)
     with _sigterm_raises():

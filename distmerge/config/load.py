@@ -119,9 +119,9 @@ def validate(raw: Mapping[str, Any], pending: Collection[str] = ()) -> MergeConf
     p: list[str] = []
     sections = _check_keys(raw, MergeConfig, "", p)
     adapters = _adapters(raw.get("adapters"), p, {os.path.realpath(x) for x in pending})
-    merge = _build(MergeSpec, sections.get("merge"), "merge", p)
-    output = _build(OutputSpec, sections.get("output"), "output", p)
-    runtime = _build(RuntimeSpec, sections.get("runtime"), "runtime", p)
+    merge = build_section(MergeSpec, sections.get("merge"), "merge", p)
+    output = build_section(OutputSpec, sections.get("output"), "output", p)
+    runtime = build_section(RuntimeSpec, sections.get("runtime"), "runtime", p)
     if merge is not None:
         _check_merge(merge, p)
     if output is not None:
@@ -133,7 +133,7 @@ def validate(raw: Mapping[str, Any], pending: Collection[str] = ()) -> MergeConf
     return MergeConfig(adapters=tuple(adapters), merge=merge, output=output, runtime=runtime)
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -148,7 +148,7 @@ def _check_keys(raw: Any, cls: type, where: str, p: list[str]) -> dict:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            p.append(f"{prefix}{key}: unknown key{_suggest(key, names)} (valid keys: {', '.join(names)})")
+            p.append(f"{prefix}{key}: unknown key{suggest(key, names)} (valid keys: {', '.join(names)})")
     return {k: v for k, v in raw.items() if k in names}
 
 
@@ -166,7 +166,7 @@ def _expected(tp: Any) -> tuple[tuple[type, ...], bool]:
     return types, optional
 
 
-def _build(cls: type, raw: Any, where: str, p: list[str]):
+def build_section(cls: type, raw: Any, where: str, p: list[str]):
     values = _check_keys(raw, cls, where, p)
     hints = typing.get_type_hints(cls)
     ok = True
@@ -193,7 +193,7 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
     if not raw:
         p.append("adapters: at least one adapter is needed, e.g. adapters: [{path: ./adapters/sql, weight: 1.0}]")
         return []
-    if not isinstance(raw, list):
+    if not isinstance(raw, (list, tuple)):  # a tuple: a frozen MergeConfig given back with overrides
         p.append(f"adapters: expected a list of {{path, weight}}, got {type(raw).__name__}")
         return []
     specs: list[AdapterSpec] = []
@@ -204,7 +204,7 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
         if not isinstance(item, Mapping) or "path" not in item:
             p.append(f"{where}: expected a mapping with a path, e.g. {{path: ./adapters/sql, weight: 0.5}}")
             continue
-        spec = _build(AdapterSpec, item, where, p)
+        spec = build_section(AdapterSpec, item, where, p)
         if spec is None:
             continue
         path = Path(spec.path).expanduser()
@@ -246,7 +246,7 @@ def _check_merge(m: MergeSpec, p: list[str]) -> None:
 
     method = registry.find(m.method)
     if method is None:
-        p.append(f"merge.method: unknown method {m.method!r}{_suggest(m.method, registry.names())} "
+        p.append(f"merge.method: unknown method {m.method!r}{suggest(m.method, registry.names())} "
                  f"(one of: {', '.join(registry.names())})")
     elif "density" in method.params and m.density is None:
         p.append(f"merge.density: method {m.method!r} prunes and needs a density in (0, 1], e.g. merge.density=0.5")
@@ -254,14 +254,14 @@ def _check_merge(m: MergeSpec, p: list[str]) -> None:
         p.append(f"merge.density: must be in (0, 1], got {m.density}; it is the fraction of values kept")
     if m.majority_sign_method not in schema.SIGN_METHODS:
         p.append(f"merge.majority_sign_method: expected one of {', '.join(schema.SIGN_METHODS)}, "
-                 f"got {m.majority_sign_method!r}{_suggest(m.majority_sign_method, schema.SIGN_METHODS)}")
+                 f"got {m.majority_sign_method!r}{suggest(m.majority_sign_method, schema.SIGN_METHODS)}")
     if m.svd_rank is not None and m.svd_rank < 1:
         p.append(f"merge.svd_rank: must be a positive rank or null (the largest input rank), got {m.svd_rank}")
     if m.svd_clamp is not None and not (0 < m.svd_clamp <= 1):
         p.append(f"merge.svd_clamp: a quantile in (0, 1] or null, got {m.svd_clamp}")
     if m.svd_algorithm not in schema.SVD_ALGORITHMS:
         p.append(f"merge.svd_algorithm: expected one of {', '.join(schema.SVD_ALGORITHMS)}, "
-                 f"got {m.svd_algorithm!r}{_suggest(m.svd_algorithm, schema.SVD_ALGORITHMS)}")
+                 f"got {m.svd_algorithm!r}{suggest(m.svd_algorithm, schema.SVD_ALGORITHMS)}")
     if m.svd_oversample < 0:
         p.append(f"merge.svd_oversample: must be >= 0, got {m.svd_oversample}")
     if m.svd_niter < 0:
@@ -274,7 +274,7 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
         return o
     if o.dtype is not None and o.dtype not in schema.DTYPES:
         p.append(f"output.dtype: expected one of {', '.join(schema.DTYPES)} or null, "
-                 f"got {o.dtype!r}{_suggest(o.dtype, schema.DTYPES)}")
+                 f"got {o.dtype!r}{suggest(o.dtype, schema.DTYPES)}")
     try:
         parse_size(o.shard_size)
     except ValueError as e:
@@ -287,7 +287,7 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
 def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:
     for key, value, choices in (("executor", r.executor, schema.EXECUTORS), ("device", r.device, schema.DEVICES)):
         if value not in choices:
-            p.append(f"runtime.{key}: expected one of {', '.join(choices)}, got {value!r}{_suggest(value, choices)}")
+            p.append(f"runtime.{key}: expected one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
     if r.num_workers is not None and r.num_workers < 1:
         p.append(f"runtime.num_workers: must be >= 1 or null, got {r.num_workers}")
     if r.gpus_per_worker is not None and r.gpus_per_worker < 0:

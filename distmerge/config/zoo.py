@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from distmerge.config.load import ConfigSource, _build, _suggest, read_document, validate
+from distmerge.config.load import ConfigSource, build_section, suggest, read_document, validate
 from distmerge.config.schema import MergeConfig, RuntimeSpec
 from distmerge.errors import ConfigError
 
@@ -87,7 +87,7 @@ def load_zoo(source: ConfigSource, overrides: Iterable[str] = ()) -> Zoo:
 def _expand(raw: Mapping[str, Any], source: str, p: list[str]) -> Zoo:
     for key in raw:
         if key not in TOP_KEYS:
-            p.append(f"{key}: unknown key{_suggest(key, TOP_KEYS)} (a zoo has {', '.join(TOP_KEYS)})")
+            p.append(f"{key}: unknown key{suggest(key, TOP_KEYS)} (a zoo has {', '.join(TOP_KEYS)})")
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, Mapping):
         p.append(f"defaults: expected a mapping of merge-config sections, got {defaults!r}")
@@ -95,13 +95,13 @@ def _expand(raw: Mapping[str, Any], source: str, p: list[str]) -> Zoo:
     for key in defaults:
         if key not in DEFAULT_KEYS:
             why = "adapters belong to each recipe" if key == "adapters" else f"one of {', '.join(DEFAULT_KEYS)}"
-            p.append(f"defaults.{key}: unknown key{_suggest(key, DEFAULT_KEYS)} ({why})")
+            p.append(f"defaults.{key}: unknown key{suggest(key, DEFAULT_KEYS)} ({why})")
     root = raw.get("output_root")
     if root is not None and not isinstance(root, str):
         p.append(f"output_root: expected a directory path, got {root!r}")
         root = None
     root = os.path.realpath(os.path.expanduser(root)) if root else None
-    runtime = _build(RuntimeSpec, defaults.get("runtime"), "defaults.runtime", p) or RuntimeSpec()
+    runtime = build_section(RuntimeSpec, defaults.get("runtime"), "defaults.runtime", p) or RuntimeSpec()
 
     items = raw.get("recipes")
     if not isinstance(items, list) or not items:
@@ -148,7 +148,7 @@ def _named_recipes(items: Sequence[Any], p: list[str]) -> dict[str, dict]:
                     p.append(f"recipe {name!r}: runtime: one pool runs the whole batch, so runtime is the batch's: "
                              f"set it under defaults.runtime or on the command line")
                 else:
-                    p.append(f"recipe {name!r}: {key}: unknown key{_suggest(key, RECIPE_KEYS)} (a recipe has "
+                    p.append(f"recipe {name!r}: {key}: unknown key{suggest(key, RECIPE_KEYS)} (a recipe has "
                              f"{', '.join(RECIPE_KEYS)})")
         body = {k: v for k, v in item.items() if k in RECIPE_KEYS and k != "grid"}
         for combo_name, combo in _grid(name, item.get("grid"), p):
@@ -243,7 +243,7 @@ def _adapter_items(name: str, raw: Any, outputs: Mapping[str, str | None], p: li
         if "recipe" in item:
             ref = item["recipe"]
             if ref not in outputs:
-                p.append(f"{where}[{i}].recipe: no recipe is named {ref!r}{_suggest(str(ref), outputs)}")
+                p.append(f"{where}[{i}].recipe: no recipe is named {ref!r}{suggest(str(ref), outputs)}")
                 return None, []
             if outputs[ref] is None:
                 return None, []  # that recipe's missing output path is reported already

@@ -1,13 +1,32 @@
-"""What an executor is: something that runs shard tasks and hands back their results."""
+"""What an executor is: a pool of workers that runs the shard tasks a Feed hands it.
+
+A feed is whatever owns the tasks: one job for `distmerge merge`, a whole batch of jobs for
+`distmerge batch`. The pool asks it for the next task whenever a worker is free and hands each
+result back; the feed may release new tasks in return (a finished recipe unblocks the recipes that
+merge its output). The pool knows nothing of jobs; a job knows nothing of the pool.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
+from distmerge.errors import DistmergeError
 from distmerge.plan import ShardTask
 from distmerge.shard import ShardResult
 
-OnResult = Callable[[ShardTask, ShardResult], None]
+
+class Feed(Protocol):
+    def next_task(self) -> ShardTask | None:
+        """A task to run now, or None when none is ready (more may come after a result)."""
+
+    def finished(self) -> bool:
+        """True when no task will come any more."""
+
+    def done(self, task: ShardTask, result: ShardResult) -> None:
+        """A task's result."""
+
+    def failed(self, task: ShardTask, error: DistmergeError) -> None:
+        """A task failed for a data reason: raise to stop the pool, or record it and go on."""
 
 
 class Executor(Protocol):
@@ -22,5 +41,9 @@ class Executor(Protocol):
 
     def __exit__(self, *exc) -> None: ...
 
-    def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
-        """Run every task; results in task order. Raises DistmergeError when a task fails for a data reason."""
+    def run(self, feed: Feed) -> None:
+        """Run tasks until the feed is finished."""
+
+
+def stalled(feed: Feed) -> AssertionError:
+    return AssertionError("the feed has no task ready, none running, and is not finished: a job waits on nothing")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from distmerge.executors.base import OnResult
-from distmerge.plan import ShardTask
-from distmerge.shard import ShardResult, WorkerMemory, merge_shard
+from distmerge.errors import DistmergeError
+from distmerge.executors.base import Feed, stalled
+from distmerge.shard import WorkerMemory, merge_shard
 
 
 class LocalExecutor:
@@ -23,10 +21,16 @@ class LocalExecutor:
     def __exit__(self, *exc) -> None:
         self._memory = WorkerMemory()  # give the memory back
 
-    def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
-        results = []
-        for task in tasks:
-            result = merge_shard(task, self._memory)
-            on_result(task, result)
-            results.append(result)
-        return results
+    def run(self, feed: Feed) -> None:
+        while True:
+            task = feed.next_task()  # may settle jobs that need no task (a batch's up-to-date recipes)
+            if task is None:
+                if feed.finished():
+                    return
+                raise stalled(feed)
+            try:
+                result = merge_shard(task, self._memory)
+            except DistmergeError as e:
+                feed.failed(task, e)
+                continue
+            feed.done(task, result)

@@ -19,7 +19,10 @@ MANIFEST = "distmerge.json"
 
 
 def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], results: Sequence[ShardResult],
-                   inputs: list[dict], outputs: list[dict], executor: str, seconds: dict[str, float]) -> dict:
+                   inputs: list[dict], outputs: list[dict], executor: str, seconds: dict[str, float],
+                   recipe: dict, fingerprint: str) -> dict:
+    """`recipe` is everything that decides the output's bytes; a batch skips a recipe whose `fingerprint`
+    (its sha256) is unchanged, and says which of its parts changed when it is not."""
     from distmerge import __version__
 
     modules = {m: dict(s) for r in results for m, s in r.stats}
@@ -31,6 +34,8 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
         "distmerge_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(cfg),
+        "fingerprint": fingerprint,
+        "recipe": recipe,
         "method": {"requested": plan.requested_method, "used": plan.method, "rank": plan.rank,
                    "output_dtype": plan.out_dtype},
         "executor": executor,

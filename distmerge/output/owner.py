@@ -218,3 +218,67 @@ def remove_created(created: Sequence[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+# --- one batch per output root ------------------------------------------------------------------------------
+
+
+class BatchLock:
+    """One batch per output root at a time: a second run (a double cron trigger) refuses, naming the first.
+
+    The lock file names its owner like the staging directories do, so a lock left by a killed batch
+    is taken over by the next run rather than blocking every night after.
+    """
+
+    NAME = ".distmerge-batch.lock"
+
+    def __init__(self, directory: str, zoo: str):
+        self.directory = Path(directory)
+        self.path = self.directory / self.NAME
+        self.zoo = zoo
+        self._held = False
+
+    def _owner(self) -> tuple[Owner | None, dict]:
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+            return Owner(doc["host"], doc["boot"], int(doc["pid"]), int(doc["start"])), doc
+        except FileNotFoundError:
+            return None, {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return Owner("unknown", "", -1, 0), {}  # not ours to judge: treated as alive
+
+    def __enter__(self) -> "BatchLock":
+        try:
+            make_dirs(self.directory)
+            for _ in range(3):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    owner, doc = self._owner()
+                    if owner is not None and owner.alive():
+                        raise OutputError(
+                            f"another distmerge batch (pid {owner.pid} on {owner.host}, zoo {doc.get('zoo', '?')}) "
+                            f"is running on {self.directory}; wait for it to finish. If it is gone, remove "
+                            f"{self.path}") from None
+                    if owner is not None:
+                        log.warning("taking over %s: the batch that held it (pid %d) is gone", self.path, owner.pid)
+                        os.remove(self.path)
+                    continue
+                me = Owner.me()
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"host": me.host, "boot": me.boot, "pid": me.pid, "start": me.start,
+                               "zoo": os.path.abspath(self.zoo)}, f)
+                self._held = True
+                return self
+        except OSError as e:
+            raise OutputError(f"cannot create the batch lock {self.path}: {e.strerror or e}; output_root must be a "
+                              f"writable directory") from None
+        raise OutputError(f"cannot take the batch lock {self.path}; another batch keeps taking it")
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            owner, _ = self._owner()
+            if owner is not None and owner.pid == os.getpid():
+                os.remove(self.path)
+            self._held = False

@@ -1,0 +1,363 @@
+"""`distmerge batch ZOO.yaml`: every recipe of a zoo on one pool, skipping what is up to date.
+
+- **One pool.** The batch is the pool's feed: whenever a worker is free it gets the next shard of
+  the next ready recipe, so the pool stays busy across recipes, and each recipe is assembled and
+  renamed into place as soon as its own last shard is done.
+- **Up to date without reading tensors.** A recipe is skipped when its output is complete and its
+  manifest records the same fingerprint: the merge-relevant config plus each input file's sha256.
+  A file's sha256 is taken from an earlier manifest when its size and mtime are unchanged, so an
+  unchanged zoo is checked from manifests and headers alone.
+- **Failures stay local.** A recipe that fails is reported with its error, the recipes that merge
+  its output are blocked, and every other recipe completes. Outputs are complete or absent at any
+  moment, so a killed batch is resumed by running it again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from distmerge.adapters.pin import Stamp, sha256_pinned
+from distmerge.config.units import format_size
+from distmerge.config.zoo import Recipe, Zoo
+from distmerge.errors import DistmergeError, OutputError
+from distmerge.executors import make_executor
+from distmerge.job import Job, fingerprint, fingerprint_id, input_files, open_inputs
+from distmerge.output.assemble import write_json
+from distmerge.output.manifest import MANIFEST
+from distmerge.output.owner import BatchLock
+from distmerge.plan import ShardTask
+from distmerge.shard import ShardResult
+
+log = logging.getLogger("distmerge")
+REPORT = "batch_report.json"
+MERGED, UP_TO_DATE, FAILED, BLOCKED = "merged", "up to date", "failed", "blocked"
+
+
+@dataclass
+class Outcome:
+    recipe: str
+    status: str
+    reason: str = ""
+    method: str = ""
+    rank: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    path: str = ""
+
+
+class Identities:
+    """sha256 of input files, re-read only when a file's size or mtime differs from an earlier record."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+        self.hashed: list[str] = []  # the files this run actually read, for the report and the tests
+
+    def learn(self, manifest: dict) -> None:
+        for entry in manifest.get("inputs") or []:
+            for f in entry.get("files") or []:
+                if {"file", "bytes", "mtime_ns", "sha256"} <= set(f):
+                    self._known[(f["file"], f["bytes"], f["mtime_ns"])] = f["sha256"]
+
+    def learn_output(self, directory: str, manifest: dict) -> None:
+        """An upstream recipe's files are known by its manifest's sha256s (checked complete by the caller)."""
+        for o in manifest.get("outputs") or []:
+            path = os.path.join(directory, o["file"])
+            st = os.stat(path)
+            self._known[(path, st.st_size, st.st_mtime_ns)] = o["sha256"]
+
+    def sha(self, path: str, stamp: Stamp | None, owner: str) -> str:
+        if stamp is not None and (path, stamp.size, stamp.mtime_ns) in self._known:
+            return self._known[(path, stamp.size, stamp.mtime_ns)]
+        digest = sha256_pinned(path, stamp, owner)
+        self.hashed.append(path)
+        if stamp is not None:
+            self._known[(path, stamp.size, stamp.mtime_ns)] = digest
+        return digest
+
+
+def previous_output(path: str) -> dict | None:
+    """The manifest of a complete earlier output at `path` (every listed file there, at its size), else None.
+
+    Sizes, not hashes: an up-to-date check must not read gigabytes. Before an output is replaced,
+    owner.not_ours checks the hashes too.
+    """
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read(16 * 2**20))
+        for o in manifest["outputs"]:
+            if os.path.getsize(os.path.join(path, o["file"])) != o["bytes"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def staleness(recipe: dict, previous: dict | None) -> str:
+    """Why a recipe must run again, in words a person can act on; '' when it is up to date."""
+    if previous is None:
+        return "no complete earlier output"
+    old = previous.get("recipe")
+    if not isinstance(old, dict):
+        return "the earlier output has no recipe fingerprint"
+    if fingerprint_id(recipe) == previous.get("fingerprint") and old == recipe:
+        return ""
+    changed = []
+    for key in ("distmerge_version", "merge", "output", "runtime"):
+        if old.get(key) != recipe[key]:
+            if isinstance(recipe[key], dict) and isinstance(old.get(key), dict):
+                changed += [f"{key}.{k} {old[key].get(k)!r} → {v!r}" for k, v in recipe[key].items()
+                            if old[key].get(k) != v]
+            else:
+                changed.append(f"{key} {old.get(key)!r} → {recipe[key]!r}")
+    before = {a["name"]: a for a in old.get("adapters", [])}
+    now = {a["name"]: a for a in recipe["adapters"]}
+    if list(before) != list(now):
+        changed.append(f"adapters {list(before)} → {list(now)}")
+    for name, a in now.items():
+        b = before.get(name)
+        if b is None:
+            continue
+        if b.get("weight") != a["weight"]:
+            changed.append(f"{name}.weight {b.get('weight')} → {a['weight']}")
+        files = [f for f, sha in a["files"].items() if (b.get("files") or {}).get(f) != sha]
+        if files:
+            changed.append(f"input {name!r}: {', '.join(files)} changed")
+    return "; ".join(changed) or "the recipe changed"
+
+
+class Batch:
+    """The pool's feed for a whole zoo; `run()` merges what is stale and returns every recipe's outcome."""
+
+    def __init__(self, zoo: Zoo, only: Sequence[str] = (), force: Iterable[str] = ()):
+        self.zoo = zoo
+        self.selected = zoo.closure(only) if only else [r.name for r in zoo.recipes]
+        force = set(force)
+        self.force = set(self.selected) if "*" in force else force
+        self.outcomes: dict[str, Outcome] = {}
+        self.identities = Identities()
+        self._waiting = list(self.selected)
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[ShardTask] = deque()
+        self._parallelism = 1
+        self._executor = ""
+        self._hasher: cf.ThreadPoolExecutor | None = None
+        self._bar = None
+
+    # --- deciding -----------------------------------------------------------------------------------------
+
+    def check(self, recipe: Recipe) -> tuple[str, list]:
+        """(why it must run, or '' if up to date; the opened inputs). Reads manifests and headers only."""
+        prev = previous_output(recipe.config.output.path)
+        if prev is not None:
+            self.identities.learn(prev)
+        for need in recipe.needs:
+            up = self.zoo.get(need).config.output.path
+            manifest = previous_output(up)
+            if manifest is not None:
+                self.identities.learn_output(up, manifest)
+        adapters = open_inputs(recipe.config)
+        if recipe.name in self.force:
+            return "forced", adapters
+        hashes = {f: self.identities.sha(f, stamp, a.name) for a, f, stamp in input_files(adapters)}
+        return staleness(fingerprint(recipe.config, adapters, hashes), prev), adapters
+
+    def plan(self) -> list[Outcome]:
+        """`distmerge batch --plan`: what would run and why, merging nothing."""
+        rows = []
+        stale: set[str] = set()
+        for name in self.selected:
+            recipe = self.zoo.get(name)
+            after = [n for n in recipe.needs if n in stale]
+            try:
+                why, adapters = self.check(recipe) if not after else ("", [])
+            except DistmergeError as e:
+                rows.append(Outcome(name, FAILED, str(e)))
+                stale.add(name)
+                continue
+            if after:
+                rows.append(Outcome(name, "would merge", f"after {', '.join(after)} (its inputs will change)"))
+                stale.add(name)
+            elif why:
+                from distmerge.plan import build_plan
+
+                p = build_plan(recipe.config, adapters)
+                rows.append(Outcome(name, "would merge", why, p.method, p.rank, p.in_bytes))
+                stale.add(name)
+            else:
+                rows.append(Outcome(name, UP_TO_DATE, path=recipe.config.output.path))
+        return rows
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> list[Outcome]:
+        with BatchLock(self.lock_dir(), self.zoo.source), make_executor(self.zoo.runtime) as pool, \
+                cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
+            self._parallelism, self._executor = pool.parallelism, pool.name
+            self._hasher = None if pool.in_process else hasher
+            self._bar = tqdm(total=len(self.selected), unit="recipe", desc="recipes",
+                             disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
+            try:
+                pool.run(self)
+            finally:
+                for job in self._jobs.values():
+                    job.__exit__(None, None, None)
+                self._bar.close()
+        return [self.outcomes[n] for n in self.selected]
+
+    def lock_dir(self) -> str:
+        if self.zoo.output_root:
+            return self.zoo.output_root
+        return os.path.dirname(os.path.abspath(self.zoo.source))
+
+    def next_task(self) -> ShardTask | None:
+        while not self._queue and self._start_next():
+            pass
+        return self._queue.popleft() if self._queue else None
+
+    def finished(self) -> bool:
+        return not self._waiting and not self._jobs
+
+    def _start_next(self) -> bool:
+        """Resolve recipes in order until one has tasks queued; False when none can start now."""
+        for name in list(self._waiting):
+            recipe = self.zoo.get(name)
+            held = [n for n in recipe.needs if self.outcomes.get(n, Outcome(n, "")).status in (FAILED, BLOCKED)]
+            if held:
+                self._waiting.remove(name)
+                self._record(Outcome(name, BLOCKED, f"needs {', '.join(held)}, which did not merge"))
+                continue
+            if any(n not in self.outcomes for n in recipe.needs):
+                continue
+            self._waiting.remove(name)
+            if self._open(recipe):
+                return True
+        return False
+
+    def _open(self, recipe: Recipe) -> bool:
+        """Check the recipe; start its job if stale. True when its tasks are queued."""
+        t0 = time.perf_counter()
+        job = None
+        try:
+            why, adapters = self.check(recipe)
+            if not why:
+                self._record(Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path,
+                                     seconds=time.perf_counter() - t0))
+                return False
+            log.info("%s: merging (%s)", recipe.name, why)
+            job = Job(recipe.config, recipe.name, hasher=self.identities.sha)
+            job.reason = why
+            job.prepare(adapters)
+            job.__enter__()
+            self._jobs[recipe.name] = job
+            self._queue.extend(job.shard(self._parallelism))
+            job.hash_inputs(self._hasher)
+            return True
+        except DistmergeError as e:
+            if job is not None:
+                self._jobs.pop(recipe.name, None)
+                job.__exit__(type(e), e, None)
+            self._record(Outcome(recipe.name, FAILED, str(e), seconds=time.perf_counter() - t0))
+            return False
+
+    def done(self, task: ShardTask, result: ShardResult) -> None:
+        job = self._jobs.get(task.job)
+        if job is None or not job.add(task, result):
+            return  # the rest of a job that failed, or not its last shard
+        del self._jobs[task.job]
+        try:
+            r = job.finish(self._executor)
+        except DistmergeError as e:
+            self._record(Outcome(task.job, FAILED, str(e)))
+            return
+        finally:
+            job.__exit__(None, None, None)
+        out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
+        self._record(Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path))
+
+    def failed(self, task: ShardTask, error: DistmergeError) -> None:
+        job = self._jobs.pop(task.job, None)
+        if job is None:
+            return
+        job.__exit__(type(error), error, None)
+        self._queue = deque(t for t in self._queue if t.job != task.job)
+        self._record(Outcome(task.job, FAILED, str(error)))
+
+    def _record(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.recipe] = outcome
+        if self._bar is not None:
+            self._bar.update(1)
+        detail = f" ({outcome.method}, rank {outcome.rank}, {format_size(outcome.bytes)})" if outcome.method else ""
+        secs = f" in {outcome.seconds:.2f}s" if outcome.seconds else ""
+        why = f": {outcome.reason}" if outcome.reason and outcome.status != MERGED else ""
+        line = f"{outcome.recipe}: {outcome.status}{detail}{secs}{why}"
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            (log.warning if outcome.status in (FAILED, BLOCKED) else log.info)(line)
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[Outcome]) -> str:
+    head = ("recipe", "status", "method", "rank", "size", "seconds", "reason")
+    body = [(r.recipe, r.status, r.method or "-", str(r.rank or "-"), format_size(r.bytes) if r.bytes else "-",
+             f"{r.seconds:.2f}" if r.seconds else "-", r.reason.splitlines()[0][:120] if r.reason else "")
+            for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body])
+
+
+def write_report(directory: str, zoo: Zoo, rows: Sequence[Outcome], seconds: float, hashed: int) -> str:
+    """batch_report.json beside the outputs: written whole (temp file, rename), never over a file not ours."""
+    path = os.path.join(directory, REPORT)
+    if os.path.lexists(path):
+        try:
+            with open(path) as f:
+                ours = "distmerge_batch" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"{path} exists and distmerge did not write it; the batch report was not written. "
+                              f"Move that file away")
+    from distmerge import __version__
+
+    counts = {s: sum(r.status == s for r in rows) for s in (MERGED, UP_TO_DATE, FAILED, BLOCKED)}
+    doc = {"distmerge_batch": __version__, "zoo": os.path.abspath(zoo.source), "seconds": round(seconds, 3),
+           "counts": counts, "inputs_hashed": hashed, "recipes": [asdict(r) for r in rows]}
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_json(tmp, doc)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class BatchRun:
+    outcomes: list[Outcome]
+    report: str | None
+    seconds: float
+    hashed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status in (MERGED, UP_TO_DATE) for o in self.outcomes)
+
+
+def run_batch(zoo: Zoo, only: Sequence[str] = (), force: Iterable[str] = ()) -> BatchRun:
+    t0 = time.perf_counter()
+    batch = Batch(zoo, only, force)
+    rows = batch.run(progress=zoo.runtime.progress)
+    seconds = time.perf_counter() - t0
+    report = write_report(batch.lock_dir(), zoo, rows, seconds, len(batch.identities.hashed))
+    return BatchRun(rows, report, seconds, batch.identities.hashed)

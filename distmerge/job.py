@@ -1,0 +1,170 @@
+"""One merge as a Job: config → inputs → plan → shard tasks → assemble → manifest → atomic commit.
+
+A job knows nothing of executors or Ray: it hands out tasks and takes results. `distmerge merge`
+is a batch of one job; `distmerge batch` runs many jobs on one pool. The job's staging directory
+is entered before any of its tasks run and removed, unless committed, when the job is closed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from distmerge.adapters import open_adapter
+from distmerge.adapters.adapter import Adapter
+from distmerge.adapters.pin import sha256_pinned
+from distmerge.config.schema import MergeConfig
+from distmerge.output.assemble import file_entries, write_files, write_json
+from distmerge.output.manifest import MANIFEST, build_manifest
+from distmerge.output.owner import check_target
+from distmerge.output.staging import Staging
+from distmerge.plan import Plan, ShardTask, build_plan, default_num_tasks
+from distmerge.shard import ShardResult
+
+log = logging.getLogger("distmerge")
+Hasher = Callable[[str, object, str], str]  # (path, planned stamp, adapter name) → sha256
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: str
+    files: tuple[str, ...]
+    method: str
+    rank: int
+    seconds: float
+    manifest: dict
+
+
+def open_inputs(cfg: MergeConfig) -> list[Adapter]:
+    return [open_adapter(spec, i) for i, spec in enumerate(cfg.adapters)]
+
+
+def input_files(adapters: Sequence[Adapter]) -> list[tuple[Adapter, str, object]]:
+    """(adapter, file, planned stamp) for every file an adapter's merge depends on."""
+    return [(a, f, a.stamps.get(f)) for a in adapters for f in (*a.files, a.config_file)]
+
+
+def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str, str]) -> dict:
+    """Everything that changes the output's bytes, as plain data; its sha256 is the recipe's identity.
+
+    Inputs count by content (sha256), not by path; the executor, worker count and output path do not
+    count, since the bytes do not depend on them. The torch thread count and device do (BLAS rounding).
+    """
+    from distmerge import __version__
+
+    return {
+        "distmerge_version": __version__,
+        "merge": dataclasses.asdict(cfg.merge),
+        "output": {"dtype": cfg.output.dtype, "shard_size": cfg.output.shard_size,
+                   "consolidate": cfg.output.consolidate},
+        "runtime": {"device": cfg.runtime.device, "threads": max(1, int(cfg.runtime.cpus_per_worker))},
+        "adapters": [{"name": a.name, "weight": a.weight,
+                      "files": {os.path.basename(f): hashes[f] for f in (*a.files, a.config_file)}}
+                     for a in adapters],
+    }
+
+
+def fingerprint_id(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+class Job:
+    """One merge. prepare() reads headers and plans; tasks() stages; add() takes results; finish() commits."""
+
+    def __init__(self, cfg: MergeConfig, name: str = "", hasher: Hasher = sha256_pinned):
+        self.cfg = cfg
+        self.name = name
+        self.reason = ""  # why a batch runs it
+        self._hasher = hasher
+        self.adapters: list[Adapter] = []
+        self.plan: Plan | None = None
+        self.staging: Staging | None = None
+        self.tasks: list[ShardTask] = []
+        self.results: dict[int, ShardResult] = {}
+        self._t0 = time.perf_counter()
+        self._t_plan = self._t_merge = 0.0
+        self._hashes: dict[str, cf.Future] = {}
+
+    def prepare(self, adapters: Sequence[Adapter] | None = None) -> Plan:
+        """Every check that needs no tensor: the output may be written, inputs read, the merge planned.
+
+        `adapters` are the config's inputs when the caller opened them already (a batch's up-to-date check).
+        """
+        cfg = self.cfg
+        check_target(cfg.output.path, cfg.output.overwrite, [(a.name, a.path) for a in cfg.adapters])
+        self.adapters = list(adapters) if adapters is not None else open_inputs(cfg)
+        self.plan = build_plan(cfg, self.adapters)  # every cross-adapter check, before any worker starts
+        self._t_plan = time.perf_counter()
+        return self.plan
+
+    def __enter__(self) -> "Job":
+        self.staging = Staging(self.cfg.output.path, self.cfg.output.overwrite).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            self.staging.__exit__(*exc)
+
+    def shard(self, parallelism: int) -> list[ShardTask]:
+        """The job's shard tasks for a pool of this many workers, tagged with the job's name."""
+        assert self.plan is not None and self.staging is not None, "prepare() and enter the job first"
+        cfg = self.cfg
+        self.tasks = self.plan.shard(default_num_tasks(self.plan, cfg.shard_size_bytes, parallelism),
+                                     staging=str(self.staging.path), device=cfg.runtime.device,
+                                     threads=max(1, int(cfg.runtime.cpus_per_worker)), job=self.name)
+        return self.tasks
+
+    def hash_inputs(self, pool: cf.Executor | None) -> None:
+        """Start hashing the inputs for the manifest: on `pool` alongside remote workers, else when called."""
+        for a, f, stamp in input_files(self.adapters):
+            if f not in self._hashes:
+                self._hashes[f] = pool.submit(self._hasher, f, stamp, a.name) if pool else _done(
+                    self._hasher(f, stamp, a.name))
+
+    def add(self, task: ShardTask, result: ShardResult) -> bool:
+        """Record a shard's result; True when it was the job's last."""
+        self.results[task.index] = result
+        done = len(self.results) == len(self.tasks)
+        if done:
+            self._t_merge = time.perf_counter()
+        return done
+
+    def finish(self, executor: str) -> MergeResult:
+        """Assemble the parts into the output files, write the manifest, and rename into place."""
+        assert self.plan is not None and self.staging is not None
+        self.hash_inputs(None)
+        cfg, plan, staging = self.cfg, self.plan, str(self.staging.path)
+        results = [self.results[t.index] for t in self.tasks]
+        tensors = {t.name: t for r in results for t in r.tensors}
+        hashes = write_files(plan, tensors, staging)
+        write_json(os.path.join(staging, "adapter_config.json"), plan.adapter_config)
+        sha = {f: fut.result() for f, fut in self._hashes.items()}
+        inputs = [{"name": a.name, "path": a.path, "weight": a.weight,
+                   "files": [{"file": f, "bytes": a.stamps[f].size, "mtime_ns": a.stamps[f].mtime_ns,
+                              "sha256": sha[f]} for f in (*a.files, a.config_file)]}
+                  for a in self.adapters]
+        names = sorted(n for n in os.listdir(staging) if n != "_parts")
+        t_done = time.perf_counter()
+        seconds = {"plan": round(self._t_plan - self._t0, 4), "merge": round(self._t_merge - self._t_plan, 4),
+                   "assemble": round(t_done - self._t_merge, 4), "total": round(t_done - self._t0, 4)}
+        recipe = fingerprint(cfg, self.adapters, sha)
+        manifest = build_manifest(cfg, plan, self.tasks, results, inputs, file_entries(staging, names, hashes),
+                                  executor, seconds, recipe, fingerprint_id(recipe))
+        write_json(os.path.join(staging, MANIFEST), manifest)
+        self.staging.commit()
+        total = time.perf_counter() - self._t0
+        return MergeResult(cfg.output.path, tuple(sorted(names + [MANIFEST])), plan.method, plan.rank, total,
+                           manifest)
+
+
+def _done(value) -> cf.Future:
+    f: cf.Future = cf.Future()
+    f.set_result(value)
+    return f

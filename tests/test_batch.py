@@ -1,0 +1,185 @@
+"""`distmerge batch`: the same bytes as each recipe merged alone; up to date from manifests and headers
+alone; failures that stay with their recipe; a killed batch resumed by running it again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import distmerge
+from distmerge.adapters.reader import TensorReader
+from distmerge.cli import main
+from distmerge.config.zoo import load_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(out: Path) -> dict[str, str]:
+    """The output's adapter files by sha256 (the manifest records times, so it is left out)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+            if p.name != "distmerge.json"}
+
+
+@pytest.fixture
+def shelf(adapter_sets, tmp_path) -> Path:
+    root = tmp_path / "adapters"
+    for name, src in zip(["sql", "chat", "code-a", "code-b"], adapter_sets("llama").paths * 2):
+        shutil.copytree(src, root / name)
+    return root
+
+
+def zoo_doc(shelf: Path, root: Path, runtime: dict | None = None) -> dict:
+    return {
+        "defaults": {"merge": {"method": "ties", "density": 0.5, "seed": 3},
+                     "runtime": runtime or {"executor": "local", "progress": False}},
+        "output_root": str(root),
+        "recipes": [
+            {"name": "support-bot", "adapters": [{"path": str(shelf / "sql"), "weight": 0.5},
+                                                 {"path": str(shelf / "chat"), "weight": 0.5}]},
+            {"name": "all-code", "adapters": {"glob": str(shelf / "code-*"), "weight": "equal"},
+             "merge": {"method": "svd", "svd_rank": 3}},
+            {"name": "mix", "adapters": [{"recipe": "support-bot", "weight": 0.7},
+                                         {"recipe": "all-code", "weight": 0.3}],
+             "merge": {"method": "cat"}},
+            {"name": "sweep", "adapters": [{"path": str(shelf / "sql")}, {"path": str(shelf / "code-a")}],
+             "grid": {"merge.method": ["dare_ties", "ties_svd"], "merge.density": [0.3, 0.7]}},
+        ]}
+
+
+def _write(tmp_path: Path, doc: dict, name: str = "zoo.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _batch(capsys, zoo: Path, *args: str) -> tuple[int, str, dict]:
+    """Run the CLI; (exit code, stdout, the report's rows by recipe)."""
+    code = main(["batch", str(zoo), *args])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err, out.err
+    report = Path(json.loads(zoo.read_text())["output_root"], "batch_report.json")
+    rows = json.loads(report.read_text())["recipes"] if report.exists() else []
+    return code, out.out, {r["recipe"]: r for r in rows}
+
+
+def test_batch_bytes_equal_each_recipe_alone(shelf, tmp_path, capsys):
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    code, out, report = _batch(capsys, zoo_path)
+    assert code == 0, out
+    zoo = load_zoo(zoo_path)
+    assert set(report) == {r.name for r in zoo.recipes} and {r["status"] for r in report.values()} == {"merged"}
+    for recipe in zoo.recipes:
+        alone = tmp_path / "alone" / recipe.name
+        distmerge.merge(recipe.config, [f"output.path={alone}"])
+        assert _weights(alone) == _weights(Path(recipe.config.output.path)), recipe.name
+    assert "support-bot" in out and "merged" in out
+
+
+def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, monkeypatch):
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert _batch(capsys, zoo_path)[0] == 0
+    before = {r.name: _weights(Path(r.config.output.path)) for r in load_zoo(zoo_path).recipes}
+
+    def no_tensors(*a, **k):
+        raise AssertionError("an up-to-date batch read a tensor")
+    monkeypatch.setattr(TensorReader, "read_into", no_tensors)
+    code, out, report = _batch(capsys, zoo_path)
+    assert code == 0 and {r["status"] for r in report.values()} == {"up to date"}, out
+    assert json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["inputs_hashed"] == 0
+    monkeypatch.undo()
+
+    # the same bytes with a new mtime: hashed again, not merged again
+    os.utime(shelf / "chat" / "adapter_model.safetensors", ns=(1, 1))
+    code, out, report = _batch(capsys, zoo_path)
+    assert {n for n, r in report.items() if r["status"] != "up to date"} == set(), out
+    assert json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["inputs_hashed"] == 1
+
+    # new bytes in chat: exactly support-bot and the mix that merges it run again
+    t = load_file(str(shelf / "chat" / "adapter_model.safetensors"))
+    next(iter(t.values())).mul_(1.5)
+    save_file(t, str(shelf / "chat" / "adapter_model.safetensors"))
+    code, out, report = _batch(capsys, zoo_path, "--plan")
+    assert "input 'chat': adapter_model.safetensors changed" in out and "after support-bot" in out
+    code, out, report = _batch(capsys, zoo_path)
+    assert {n for n, r in report.items() if r["status"] == "merged"} == {"support-bot", "mix"}, out
+    assert "input 'chat': adapter_model.safetensors changed" in report["support-bot"]["reason"]
+    after = {r.name: _weights(Path(r.config.output.path)) for r in load_zoo(zoo_path).recipes}
+    assert {n for n in after if after[n] != before[n]} == {"support-bot", "mix"}
+
+    # a changed recipe key re-merges the recipes it applies to, and says which key
+    code, out, report = _batch(capsys, zoo_path, "--only", "all-code", "defaults.merge.seed=4")
+    assert set(report) == {"all-code"} and report["all-code"]["status"] == "merged"
+    assert "merge.seed 3 → 4" in report["all-code"]["reason"]
+
+
+def test_a_bad_recipe_fails_alone_and_blocks_its_dependents(shelf, tmp_path, capsys):
+    t = load_file(str(shelf / "code-b" / "adapter_model.safetensors"))
+    next(iter(t.values()))[0, 0] = float("nan")
+    save_file(t, str(shelf / "code-b" / "adapter_model.safetensors"))
+    code, out, report = _batch(capsys, _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo")))
+    assert code == 2
+    assert report["all-code"]["status"] == "failed" and "NaN/Inf" in report["all-code"]["reason"]
+    assert report["mix"]["status"] == "blocked" and "all-code" in report["mix"]["reason"]
+    assert {n for n, r in report.items() if r["status"] == "merged"} == {"support-bot"} | {
+        n for n in report if n.startswith("sweep/")}
+    assert not (tmp_path / "zoo" / "all-code").exists() and not (tmp_path / "zoo" / "mix").exists()
+    assert not [p for p in (tmp_path / "zoo").rglob("*") if ".distmerge-" in p.name]
+
+
+def test_a_second_batch_on_the_same_root_refuses(shelf, tmp_path, capsys):
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    (tmp_path / "zoo").mkdir()
+    from distmerge.output.owner import BatchLock
+
+    with BatchLock(str(tmp_path / "zoo"), str(zoo_path)):  # a batch of this process holds it
+        assert main(["batch", str(zoo_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"another distmerge batch (pid {os.getpid()}" in err and "Traceback" not in err
+    assert not (tmp_path / "zoo" / ".distmerge-batch.lock").exists()
+
+
+@pytest.mark.slow
+def test_killed_batch_is_resumed_by_running_it_again(tmp_path):
+    from distmerge.demo import write_llama_adapter
+
+    shelf = tmp_path / "shelf"
+    for i in range(4):
+        write_llama_adapter(str(shelf / f"a{i}"), layers=4, hidden=384, intermediate=768, rank=16, alpha=16, seed=i)
+    doc = {"defaults": {"merge": {"method": "ties_svd", "density": 0.5},
+                        "runtime": {"executor": "local", "progress": False}},
+           "output_root": str(tmp_path / "zoo"),
+           "recipes": [{"name": f"r{k}", "adapters": [{"path": str(shelf / f"a{k}")},
+                                                      {"path": str(shelf / f"a{(k + 1) % 4}")}]}
+                       for k in range(4)]}
+    zoo_path = _write(tmp_path, doc)
+    cmd = [sys.executable, "-m", "distmerge", "-q", "batch", str(zoo_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "zoo" / "r1").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = sorted(p.name for p in (tmp_path / "zoo").iterdir() if p.name.startswith("r"))
+    assert 0 < len(done) < 4, done  # killed part way
+    for name in done:  # complete or absent: what is there loads
+        assert load_file(str(tmp_path / "zoo" / name / "adapter_model.safetensors"))
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = {r["recipe"]: r["status"] for r in
+              json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["recipes"]}
+    assert {n for n, s in report.items() if s == "up to date"} == set(done)
+    assert not [p for p in (tmp_path / "zoo").iterdir() if ".distmerge-" in p.name]
+    for k in range(4):
+        alone = tmp_path / "alone" / f"r{k}"
+        distmerge.merge(load_zoo(zoo_path).get(f"r{k}").config, [f"output.path={alone}"])
+        assert _weights(alone) == _weights(tmp_path / "zoo" / f"r{k}")
