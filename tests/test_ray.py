@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import ExecutorError, MergeError
-from distmerge.executors.ray import _check_access, worker_shape
+from distmerge.executors.ray import _check_access, _host_port, worker_shape
 from tests.conftest import BASES, merge_config
 from tests.peft_oracle import load_merged, rel_err
 
@@ -100,6 +101,14 @@ def test_worker_shape_never_asks_for_missing_gpus():
     assert worker_shape({"CPU": 64.0, "GPU": 8.0}, RuntimeSpec(num_workers=3)) == (3, 1.0)
     with pytest.raises(ExecutorError, match="has 0 GPUs.*gpus_per_worker=0"):
         worker_shape({"CPU": 8.0}, RuntimeSpec(gpus_per_worker=1))
+
+
+def test_cluster_addresses_that_are_probed():
+    assert _host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert _host_port("ray://head:10001") == ("head", 10001)
+    assert _host_port("[::1]:6379") == ("::1", 6379)
+    for address in ("auto", "local", "http://head:8265", "head", "head:port"):
+        assert _host_port(address) is None, address
 
 
 def test_preflight_names_the_node_and_the_path(tmp_path):
@@ -211,3 +220,39 @@ def test_ray_job_submit_end_to_end(adapter_sets, tmp_path, ray_tmp):
     ours, _ = load_merged(BASES[aset.base], tmp_path / "ray")
     theirs, _ = load_merged(BASES[aset.base], tmp_path / "local")
     assert all(rel_err(ours[k], theirs[k]) == 0 for k in theirs)
+
+
+def _cli_merge(cfg: dict, overrides: list[str], tmp_path: Path, ray_tmp: Path) -> tuple[int, str, float]:
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "distmerge", "merge", str(tmp_path / "cfg.yaml"), *overrides],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return out.returncode, out.stderr, time.monotonic() - t0
+
+
+def test_unreachable_address_fails_within_the_bound(adapter_sets, tmp_path, ray_tmp):
+    """A closed port is refused by the TCP probe; a port that answers but is no Ray (a listener that never
+    speaks) leaves ray.init retrying forever, so ray.init itself is bounded. Loopback only."""
+    aset = adapter_sets("llama")
+    cfg = merge_config(aset, tmp_path / "out", "linear", runtime={"progress": False})
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # never accepts: the kernel completes the handshake, nothing answers
+    try:
+        for port, why in ((closed_port, f"TCP connect to 127.0.0.1:{closed_port}: Connection refused"),
+                          (silent.getsockname()[1], "the port answers, but ray.init did not return")):
+            rc, err, seconds = _cli_merge(cfg, ["runtime.executor=ray", f"runtime.address=127.0.0.1:{port}",
+                                                "runtime.connect_timeout_s=2"], tmp_path, ray_tmp)
+            assert rc == 2, err[-3000:]
+            assert f"cannot reach the Ray cluster at 127.0.0.1:{port} within 2s ({why}" in err, err[-3000:]
+            assert "raise runtime.connect_timeout_s" in err
+            assert seconds < 30, seconds  # 2 s of trying, the rest is the CLI's start (torch import)
+    finally:
+        silent.close()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from typing import Sequence
@@ -81,6 +82,87 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()[:12]
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for `auto`, `local` and the like."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in rest:
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _unreachable(address: str, timeout: float, why: str) -> ExecutorError:
+    return ExecutorError(f"cannot reach the Ray cluster at {address} within {timeout:g}s ({why}): check that "
+                         f"`ray start --head` runs there and the port is open, or raise runtime.connect_timeout_s")
+
+
+def _probe(address: str, timeout: float) -> None:
+    """A TCP connect to the address's port: a refused or unroutable port fails here, not in ray.init's retries."""
+    host, port = _host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = "connection timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e) or type(e).__name__)
+        raise _unreachable(address, timeout, f"TCP connect to {host}:{port}: {why}") from None
+
+
+class _SigtermNote(logging.Filter):
+    """Drops ray.init's note that it set no SIGTERM handler off the main thread: distmerge wants none set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler" not in record.getMessage()
+
+
+def _init_ray(address: str | None, timeout: float) -> None:
+    """ray.init; for a `host:port` address, bounded by `timeout` in all: a TCP probe, then ray.init in a
+    daemon thread (ray.init itself retries an unreachable address forever)."""
+    import ray
+
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address is None or _host_port(address) is None:
+        ray.init(address=address or "local", **kwargs)
+        return
+    deadline = time.monotonic() + timeout
+    _probe(address, timeout)
+    lock, done, abandoned = threading.Lock(), threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+        except BaseException as e:  # handed to the driver thread, which raises it
+            failure.append(e)
+        with lock:
+            done.set()
+            late = abandoned.is_set()
+        if late and not failure:
+            ray.shutdown()  # connected after the driver gave up: leave no half-used connection behind
+
+    note = _SigtermNote()
+    worker_log = logging.getLogger("ray._private.worker")
+    worker_log.addFilter(note)
+    try:
+        threading.Thread(target=connect, name="distmerge-ray-init", daemon=True).start()
+        done.wait(max(0.0, deadline - time.monotonic()))
+        with lock:
+            if not done.is_set():
+                abandoned.set()
+    finally:
+        worker_log.removeFilter(note)
+    if abandoned.is_set():
+        raise _unreachable(address, timeout, "the port answers, but ray.init did not return: is it a Ray head's "
+                                             "port, of this Ray version?")
+    if failure:
+        e = failure[0]
+        if not isinstance(e, Exception):
+            raise e
+        first = (str(e).strip().splitlines() or ["?"])[0]
+        raise ExecutorError(f"cannot connect to the Ray cluster at {address} (runtime.address): "
+                            f"{type(e).__name__}: {first}") from None
+
+
 def _fault_hooks() -> None:
     """Test-only: die or hang once per flag file, so the suite can kill a worker mid-merge."""
     for name, action in (("CRASH_ONCE", lambda: os._exit(1)), ("HANG_ONCE", lambda: time.sleep(10**6))):
@@ -127,9 +209,7 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
-            address = self.runtime.address or os.environ.get("RAY_ADDRESS")
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            _init_ray(self.runtime.address or os.environ.get("RAY_ADDRESS"), self.runtime.connect_timeout_s)
             self._owns_ray = True
         self.parallelism, self._gpus = self._wait_for_shape()
         actor = ray.remote(MergeWorker)
