@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import ExecutorError, MergeError
-from distmerge.executors.ray import _check_access, _host_port, worker_shape
+from distmerge.executors.ray import RayExecutor, _check_access, _host_port, worker_shape
 from tests.conftest import BASES, merge_config
 from tests.peft_oracle import load_merged, rel_err
 
@@ -76,6 +76,52 @@ def test_hung_worker_is_timed_out(adapter_sets, tmp_path, ray_session, monkeypat
     distmerge.merge(merge_config(aset, tmp_path / "ray", "linear", runtime=_ray(2, task_timeout_s=3)))
     assert flag.exists()
     assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def test_slow_worker_start_is_not_timed_as_the_shard(adapter_sets, tmp_path, ray_session, monkeypatch):
+    """A hung shard's replacement worker takes longer to start than task_timeout_s; the retry is timed
+    from when that worker is ready, so one hang costs one retry (the old code spent a second one)."""
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "linear"))
+    flag = tmp_path / "hung"
+    monkeypatch.setenv("DISTMERGE_TEST_HANG_ONCE", str(flag))
+    monkeypatch.setenv("DISTMERGE_TEST_SLOW_START_S", f"4:{flag}")  # the workers started after the hang
+    distmerge.merge(merge_config(aset, tmp_path / "ray", "linear",
+                                 runtime=_ray(1, task_timeout_s=3, max_retries=1)))
+    assert flag.exists()
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+
+
+def test_a_replacement_that_never_starts_is_not_waited_for(adapter_sets, tmp_path, ray_session, monkeypatch):
+    """A hung shard's replacement never becomes ready: the other worker finishes the merge without it;
+    alone, it is given up past the start bound and the merge fails clearly instead of waiting."""
+    import distmerge.executors.ray as ray_executor
+
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "linear"))
+    first_preflight = RayExecutor._preflight
+
+    def preflight_then_bound_replacements(self, files, staging):
+        first_preflight(self, files, staging)
+        monkeypatch.setattr(ray_executor, "START_S", 3.0)
+
+    monkeypatch.setattr(RayExecutor, "_preflight", preflight_then_bound_replacements)
+    for workers in (2, 1):
+        monkeypatch.setattr(ray_executor, "START_S", 60.0)  # the first workers start within the full bound
+        flag = tmp_path / f"hung{workers}"
+        monkeypatch.setenv("DISTMERGE_TEST_HANG_ONCE", str(flag))
+        monkeypatch.setenv("DISTMERGE_TEST_SLOW_START_S", f"600:{flag}")
+        out = tmp_path / f"ray{workers}"
+        t0 = time.monotonic()
+        if workers == 2:
+            r = distmerge.merge(merge_config(aset, out, "linear", runtime=_ray(2, task_timeout_s=2)))
+            assert _sha(out) == _sha(tmp_path / "local")
+            assert len({s["worker"]["pid"] for s in r.manifest["shards"]}) == 1
+        else:
+            with pytest.raises(ExecutorError, match=r"shards left and no Ray worker to run them.*not ready 3s"):
+                distmerge.merge(merge_config(aset, out, "linear", runtime=_ray(1, task_timeout_s=2)))
+            assert not out.exists() and not list(tmp_path.glob(f".{out.name}.distmerge-*"))
+        assert flag.exists() and time.monotonic() - t0 < 30
 
 
 def test_data_error_on_a_worker_fails_cleanly(adapter_sets, tmp_path, ray_session):

@@ -5,6 +5,9 @@ its part file into the staging directory and returns metadata. The driver keeps 
 per worker and hands the next shard to whichever finishes first (ray.wait). A worker that dies or
 hangs is replaced and its shard runs again; part writes are atomic, so a retry is idempotent. A
 shard that fails for a data reason fails the merge with the adapter and tensor named.
+
+Every wait is bounded: reaching `runtime.address` (connect_timeout_s), workers starting (START_S),
+a shard on a ready worker (task_timeout_s).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 log = logging.getLogger("distmerge")
 TEST_ENV_PREFIX = "DISTMERGE_TEST_"  # fault-injection hooks, forwarded to workers for the test suite
 POLL_S = 1.0
+START_S = 60.0  # a worker not ready this long after it was asked for (and no gpu_wait_s) never will be
 
 
 def worker_shape(resources: dict, runtime: RuntimeSpec) -> tuple[int, float]:
@@ -175,10 +179,25 @@ def _fault_hooks() -> None:
             action()
 
 
+def _start_hooks() -> None:
+    """Test-only: a worker that takes DISTMERGE_TEST_SLOW_START_S seconds to start (a busy node, a slow
+    import); "SECONDS:PATH" slows only the workers started once PATH exists (the replacements of a hang)."""
+    value = os.environ.get(TEST_ENV_PREFIX + "SLOW_START_S")
+    if value:
+        seconds, _, after = value.partition(":")
+        if not after or os.path.exists(after):
+            time.sleep(float(seconds))
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0]}"
+
+
 class MergeWorker:
     """The actor: a thin wrapper around merge_shard, keeping its memory from shard to shard."""
 
     def __init__(self) -> None:
+        _start_hooks()
         self._memory = WorkerMemory()
 
     def ping(self) -> tuple[str, str]:
@@ -201,7 +220,7 @@ class RayExecutor:
     def __init__(self, runtime: RuntimeSpec):
         self.runtime = runtime
         self._owns_ray = False
-        self._workers: list = []
+        self._workers: list = []  # a slot's actor, or None once the slot is given up
         self.parallelism = 1
         self._gpus = 0.0
 
@@ -212,10 +231,10 @@ class RayExecutor:
             _init_ray(self.runtime.address or os.environ.get("RAY_ADDRESS"), self.runtime.connect_timeout_s)
             self._owns_ray = True
         self.parallelism, self._gpus = self._wait_for_shape()
-        actor = ray.remote(MergeWorker)
         env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
-        self._actor = actor.options(num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
-                                    runtime_env={"env_vars": env} if env else None)
+        self._actor = ray.remote(MergeWorker).options(
+            num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
+            runtime_env={"env_vars": env} if env else None)
         self._workers = [self._actor.remote() for _ in range(self.parallelism)]
         log.info("ray: %d workers (%g CPU, %g GPU each) on %s", self.parallelism, self.runtime.cpus_per_worker,
                  self._gpus, ray.get_runtime_context().gcs_address)
@@ -237,42 +256,54 @@ class RayExecutor:
         import ray
 
         for w in self._workers:
-            ray.kill(w, no_restart=True)
+            if w is not None:
+                ray.kill(w, no_restart=True)
         self._workers = []
         if self._owns_ray:
             ray.shutdown()
 
-    def _preflight(self, tasks: Sequence[ShardTask]) -> None:
+    def _preflight(self, files: Sequence[str], staging: str) -> None:
         import ray
+        from ray.exceptions import RayError
 
-        files = sorted({s.a.file for t in tasks for m in t.modules for s in m.sources}
-                       | {i.file for t in tasks for p in t.passthrough for _, i in p.sources})
-        staging = tasks[0].staging
         refs = [w.preflight.remote(files, staging) for w in self._workers]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(60.0, self.runtime.gpu_wait_s))
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(START_S, self.runtime.gpu_wait_s))
         if pending:
-            raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not start within 60s; check that "
-                                f"the cluster has {self.runtime.cpus_per_worker:g} CPU and {self._gpus:g} GPU free "
-                                f"per worker (ray status)")
-        problems = sorted({p for p in ray.get(ready) if p})
+            raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not start within {START_S:g}s; "
+                                f"check that the cluster has {self.runtime.cpus_per_worker:g} CPU and "
+                                f"{self._gpus:g} GPU free per worker (ray status)")
+        try:
+            problems = sorted({p for p in ray.get(refs) if p})
+        except RayError as e:
+            raise ExecutorError(f"a Ray worker died starting or in the preflight ({_first_line(e)}); "
+                                f"check the cluster's health (ray status)") from None
         if problems:
             raise ExecutorError("preflight failed: " + "; ".join(problems))
 
     def run(self, tasks: Sequence[ShardTask], on_result: OnResult) -> list[ShardResult]:
+        """One task in flight per ready worker; a shard is timed from when it is handed to a ready
+        worker, so a replacement's start-up (seconds) never counts against runtime.task_timeout_s."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
         if not tasks:
             return []
-        self._preflight(tasks)
+        files = sorted({s.a.file for t in tasks for m in t.modules for s in m.sources}
+                       | {i.file for t in tasks for p in t.passthrough for _, i in p.sources})
+        staging = tasks[0].staging
+        self._preflight(files, staging)
+        start_s = max(START_S, self.runtime.gpu_wait_s)
         queue = deque(tasks)
         attempts = {t.index: 0 for t in tasks}
         results: dict[int, ShardResult] = {}
-        inflight: dict = {}  # ref → (task, worker slot, started)
+        inflight: dict = {}  # ref → (task, worker slot, when it was handed to the ready worker)
+        starting: dict = {}  # a replacement's preflight ref → (worker slot, when it was asked for)
+        idle = deque(range(len(self._workers)))
+        lost: list[str] = []  # why slots were given up
 
-        def submit(slot: int) -> None:
-            if queue:
-                task = queue.popleft()
+        def submit() -> None:
+            while queue and idle:
+                slot, task = idle.popleft(), queue.popleft()
                 inflight[self._workers[slot].run.remote(task)] = (task, slot, time.monotonic())
 
         def replace(slot: int, task: ShardTask, why: str) -> None:
@@ -283,13 +314,34 @@ class RayExecutor:
             log.warning("shard %d: %s; replacing the worker and running the shard again", task.index, why)
             ray.kill(self._workers[slot], no_restart=True)
             self._workers[slot] = self._actor.remote()
+            starting[self._workers[slot].preflight.remote(files, staging)] = (slot, time.monotonic())
             queue.appendleft(task)
 
-        for slot in range(len(self._workers)):
-            submit(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+        def give_up(slot: int, why: str) -> None:
+            lost.append(why)
+            ray.kill(self._workers[slot], no_restart=True)
+            self._workers[slot] = None
+            left = sum(w is not None for w in self._workers)
+            log.warning("ray: a replacement worker %s; merging on the %d left", why, left)
+
+        submit()
+        while queue or inflight:
+            if not inflight and not starting:
+                raise ExecutorError(f"{len(queue)} shards left and no Ray worker to run them: every replacement "
+                                    f"worker failed to start ({lost[-1] if lost else '?'}); check `ray status`")
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=POLL_S)
             for ref in ready:
+                if ref in starting:
+                    slot, _asked = starting.pop(ref)
+                    try:
+                        problem = ray.get(ref)
+                    except RayError as e:
+                        give_up(slot, f"died starting ({_first_line(e)})")
+                        continue
+                    if problem:
+                        raise ExecutorError("preflight failed: " + problem)
+                    idle.append(slot)
+                    continue
                 task, slot, _started = inflight.pop(ref)
                 try:
                     result = ray.get(ref)
@@ -303,13 +355,17 @@ class RayExecutor:
                 else:
                     results[task.index] = result
                     on_result(task, result)
-                submit(slot)
+                    idle.append(slot)
+            now = time.monotonic()
             timeout = self.runtime.task_timeout_s
             if timeout:
-                now = time.monotonic()
                 for ref, (task, slot, started) in list(inflight.items()):
                     if now - started > timeout:
                         inflight.pop(ref)
                         replace(slot, task, f"no result after runtime.task_timeout_s={timeout:g}s")
-                        submit(slot)
+            for ref, (slot, asked_at) in list(starting.items()):
+                if now - asked_at > start_s:
+                    starting.pop(ref)
+                    give_up(slot, f"was not ready {start_s:g}s after it was asked for")
+            submit()
         return [results[t.index] for t in tasks]
