@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import ExecutorError, MergeError
-from distmerge.executors.ray import RayExecutor, _check_access, _host_port, worker_shape
+from distmerge.executors.ray import RayExecutor, _check_access, _host_port, worker_room, worker_shape
 from tests.conftest import BASES, merge_config
 from tests.peft_oracle import load_merged, rel_err
 
@@ -124,6 +124,30 @@ def test_a_replacement_that_never_starts_is_not_waited_for(adapter_sets, tmp_pat
         assert flag.exists() and time.monotonic() - t0 < 30
 
 
+def test_more_workers_than_room_merge_on_those_that_start(adapter_sets, tmp_path, ray_session, caplog):
+    """3 workers of 1 CPU asked of a 2-CPU Ray: the merge runs on the 2 that start, without waiting
+    out a start timeout, and the bytes are the local executor's."""
+    aset = adapter_sets("llama")
+    distmerge.merge(merge_config(aset, tmp_path / "local", "ties", density=0.5))
+    t0 = time.monotonic()
+    r = distmerge.merge(merge_config(aset, tmp_path / "ray", "ties", density=0.5,
+                                     runtime=_ray(3, cpus_per_worker=1)))
+    seconds = time.monotonic() - t0
+    assert len({s["worker"]["pid"] for s in r.manifest["shards"]}) == 2
+    assert _sha(tmp_path / "ray") == _sha(tmp_path / "local")
+    assert "3 workers asked for, 2 started (the cluster has room for 2 of 1 CPU each); merging on 2" in caplog.text
+    assert seconds < 30, seconds
+
+
+def test_a_worker_no_node_can_hold_fails_at_once(adapter_sets, tmp_path, ray_session):
+    aset = adapter_sets("llama")
+    t0 = time.monotonic()
+    with pytest.raises(ExecutorError, match=r"no node of the Ray cluster can hold one worker of 4 CPU.*ray status"):
+        distmerge.merge(merge_config(aset, tmp_path / "out", "linear", runtime=_ray(1, cpus_per_worker=4)))
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))
+
+
 def test_data_error_on_a_worker_fails_cleanly(adapter_sets, tmp_path, ray_session):
     aset = adapter_sets("llama")
     bad = tmp_path / "bad"
@@ -147,6 +171,15 @@ def test_worker_shape_never_asks_for_missing_gpus():
     assert worker_shape({"CPU": 64.0, "GPU": 8.0}, RuntimeSpec(num_workers=3)) == (3, 1.0)
     with pytest.raises(ExecutorError, match="has 0 GPUs.*gpus_per_worker=0"):
         worker_shape({"CPU": 8.0}, RuntimeSpec(gpus_per_worker=1))
+
+
+def test_worker_room_counts_node_by_node():
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.5}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    assert worker_room(nodes, 1, 0) == 4  # 3 + 1: a worker cannot straddle two nodes' half CPUs
+    assert worker_room(nodes, 0.5, 0) == 9
+    assert worker_room(nodes, 1, 1) == 1
+    assert worker_room(nodes, 4, 0) == 0
 
 
 def test_cluster_addresses_that_are_probed():

@@ -30,6 +30,7 @@ log = logging.getLogger("distmerge")
 TEST_ENV_PREFIX = "DISTMERGE_TEST_"  # fault-injection hooks, forwarded to workers for the test suite
 POLL_S = 1.0
 START_S = 60.0  # a worker not ready this long after it was asked for (and no gpu_wait_s) never will be
+GRACE_S = 30.0  # how long the other workers get once the first is ready, when the cluster's room does not say
 
 
 def worker_shape(resources: dict, runtime: RuntimeSpec) -> tuple[int, float]:
@@ -189,6 +190,21 @@ def _start_hooks() -> None:
             time.sleep(float(seconds))
 
 
+def worker_room(nodes: Sequence[dict], cpus: float, gpus: float) -> int:
+    """How many workers of `cpus` CPUs and `gpus` GPUs the alive nodes (ray.nodes()) hold when nothing
+    else runs: an actor lives on one node, so it is counted node by node."""
+    room = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources") or {}
+        fit = float(have.get("CPU", 0.0)) / cpus
+        if gpus > 0:
+            fit = min(fit, float(have.get("GPU", 0.0)) / gpus)
+        room += int(fit + 1e-9)
+    return room
+
+
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0]}"
 
@@ -221,7 +237,7 @@ class RayExecutor:
         self.runtime = runtime
         self._owns_ray = False
         self._workers: list = []  # a slot's actor, or None once the slot is given up
-        self.parallelism = 1
+        self.parallelism = 1  # the workers that started; known after __enter__, before the driver shards
         self._gpus = 0.0
 
     def __enter__(self) -> "RayExecutor":
@@ -230,15 +246,27 @@ class RayExecutor:
         if not ray.is_initialized():
             _init_ray(self.runtime.address or os.environ.get("RAY_ADDRESS"), self.runtime.connect_timeout_s)
             self._owns_ray = True
-        self.parallelism, self._gpus = self._wait_for_shape()
+        asked, self._gpus = self._wait_for_shape()
         env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
         self._actor = ray.remote(MergeWorker).options(
             num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
             runtime_env={"env_vars": env} if env else None)
-        self._workers = [self._actor.remote() for _ in range(self.parallelism)]
+        self._start(asked)
         log.info("ray: %d workers (%g CPU, %g GPU each) on %s", self.parallelism, self.runtime.cpus_per_worker,
                  self._gpus, ray.get_runtime_context().gcs_address)
         return self
+
+    def _shape(self) -> str:
+        return f"{self.runtime.cpus_per_worker:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
+
+    def _room(self) -> int | None:
+        """Workers of this shape the cluster holds, or None when Ray cannot say."""
+        import ray
+
+        try:
+            return worker_room(ray.nodes(), self.runtime.cpus_per_worker, self._gpus)
+        except Exception:
+            return None
 
     def _wait_for_shape(self) -> tuple[int, float]:
         import ray
@@ -246,11 +274,75 @@ class RayExecutor:
         deadline = time.monotonic() + self.runtime.gpu_wait_s
         while True:
             try:
-                return worker_shape(ray.cluster_resources(), self.runtime)
+                n, self._gpus = worker_shape(ray.cluster_resources(), self.runtime)
+                if self._room() == 0:
+                    raise ExecutorError(
+                        f"no node of the Ray cluster can hold one worker of {self._shape()} "
+                        f"(runtime.cpus_per_worker, runtime.gpus_per_worker), so it would wait forever; lower "
+                        f"them to fit a node (`ray status` lists them), or set runtime.gpu_wait_s to wait for "
+                        f"autoscaled nodes")
+                return n, self._gpus
             except ExecutorError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+    def _start(self, asked: int) -> None:
+        """Ask for `asked` workers and keep those that start: all of them, those the cluster has room
+        for once they are up, or those up GRACE_S after the first one (gpu_wait_s instead when set, for
+        an autoscaler to add nodes). The rest are killed; none started is an error."""
+        import ray
+        from ray.exceptions import RayError
+
+        self._workers = [self._actor.remote() for _ in range(asked)]  # __exit__ kills them from now on
+        pings = {w.ping.remote(): slot for slot, w in enumerate(self._workers)}
+        wait_s = self.runtime.gpu_wait_s
+        asked_at, first = time.monotonic(), None
+        ready: list[int] = []
+        errors: list[str] = []
+        room = None
+        while pings:
+            if first is None:
+                deadline = asked_at + max(START_S, wait_s)
+            else:
+                deadline = asked_at + wait_s if wait_s > 0 else first + GRACE_S
+                room = self._room()
+                if wait_s == 0 and room is not None and len(ready) >= room:
+                    break  # the others cannot be placed: the cluster is full of this merge's workers
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            done, _ = ray.wait(list(pings), num_returns=1, timeout=min(POLL_S, deadline - now))
+            for ref in done:
+                slot = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayError as e:  # the actor died starting (runtime env, import, node lost)
+                    errors.append(_first_line(e))
+                else:
+                    ready.append(slot)
+                    first = first or time.monotonic()
+        for slot, w in enumerate(self._workers):
+            if slot not in ready:
+                ray.kill(w, no_restart=True)
+        waited = time.monotonic() - asked_at
+        self._workers = [self._workers[slot] for slot in sorted(ready)]
+        self.parallelism = len(self._workers)
+        if not ready:
+            why = errors[0] if errors and not pings else (
+                f"none was ready {waited:.0f}s after it was asked for"
+                + ("" if room is None else f"; the cluster has room for {room} when idle, so other jobs may hold it")
+                + (f"; {errors[0]}" if errors else ""))
+            raise ExecutorError(f"none of the {asked} Ray workers of {self._shape()} each started ({why}); "
+                                f"check `ray status` for free CPUs/GPUs, or lower runtime.cpus_per_worker")
+        if len(ready) < asked:
+            room = self._room() if room is None else room
+            if room is not None and room <= len(ready):
+                why = f"the cluster has room for {room} of {self._shape()} each"
+            else:
+                why = (f"the others were not ready {waited:.0f}s after they were asked for"
+                       + (f": {errors[0]}" if errors else "; see `ray status`"))
+            log.warning("%d workers asked for, %d started (%s); merging on %d", asked, len(ready), why, len(ready))
 
     def __exit__(self, *exc) -> None:
         import ray
@@ -267,15 +359,14 @@ class RayExecutor:
         from ray.exceptions import RayError
 
         refs = [w.preflight.remote(files, staging) for w in self._workers]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(START_S, self.runtime.gpu_wait_s))
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=START_S)
         if pending:
-            raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not start within {START_S:g}s; "
-                                f"check that the cluster has {self.runtime.cpus_per_worker:g} CPU and "
-                                f"{self._gpus:g} GPU free per worker (ray status)")
+            raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not answer the preflight within "
+                                f"{START_S:g}s though they had started; check the cluster's health (ray status)")
         try:
             problems = sorted({p for p in ray.get(refs) if p})
         except RayError as e:
-            raise ExecutorError(f"a Ray worker died starting or in the preflight ({_first_line(e)}); "
+            raise ExecutorError(f"a Ray worker died in the preflight though it had started ({_first_line(e)}); "
                                 f"check the cluster's health (ray status)") from None
         if problems:
             raise ExecutorError("preflight failed: " + "; ".join(problems))
