@@ -148,6 +148,27 @@ def test_a_worker_no_node_can_hold_fails_at_once(adapter_sets, tmp_path, ray_ses
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))
 
 
+def test_stopping_the_workers_is_bounded_when_ray_hangs(monkeypatch, caplog):
+    """An unhealthy Ray (a hung GCS) blocks ray.kill and ray.shutdown for minutes; __exit__ gives up
+    after STOP_S so that the driver still reaches its own cleanup."""
+    import ray
+
+    import distmerge.executors.ray as ray_executor
+
+    release = __import__("threading").Event()
+    monkeypatch.setattr(ray, "kill", lambda *a, **k: release.wait(60))
+    monkeypatch.setattr(ray_executor, "STOP_S", 0.5)
+    executor = RayExecutor(RuntimeSpec(executor="ray"))
+    executor._workers = [object(), None]
+    t0 = time.monotonic()
+    try:
+        executor.__exit__(None, None, None)
+        assert time.monotonic() - t0 < 3
+        assert "did not finish within 0.5s" in caplog.text and executor._workers == []
+    finally:
+        release.set()
+
+
 def test_data_error_on_a_worker_fails_cleanly(adapter_sets, tmp_path, ray_session):
     aset = adapter_sets("llama")
     bad = tmp_path / "bad"
@@ -334,4 +355,18 @@ def test_unreachable_address_fails_within_the_bound(adapter_sets, tmp_path, ray_
             assert seconds < 30, seconds  # 2 s of trying, the rest is the CLI's start (torch import)
     finally:
         silent.close()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))
+
+
+def test_sigterm_while_merging_removes_the_staging(adapter_sets, tmp_path, ray_tmp):
+    """A driver with a SIGTERM→exception handler (as the CLI installs) is terminated while it waits on a
+    hung worker: the handler survives ray.init, the exception reaches the driver, the staging directory
+    goes, the hung worker is killed and the Ray the merge started is shut down."""
+    aset = adapter_sets("llama")
+    cfg = merge_config(aset, tmp_path / "out", "linear", runtime=_ray(1))
+    cfg["hang_flag"] = str(tmp_path / "hung")
+    report = _scenario("sigterm", cfg, tmp_path, ray_tmp)
+    assert report["raised"] == "Terminated" and report["handler_kept"], report
+    assert report["hung_worker_alive"] is False and report["ray_initialized"] is False, report
+    assert report["seconds_to_stop"] < 30, report
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.distmerge-*"))

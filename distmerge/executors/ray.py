@@ -7,14 +7,16 @@ hangs is replaced and its shard runs again; part writes are atomic, so a retry i
 shard that fails for a data reason fails the merge with the adapter and tensor named.
 
 Every wait is bounded: reaching `runtime.address` (connect_timeout_s), workers starting (START_S),
-a shard on a ready worker (task_timeout_s).
+a shard on a ready worker (task_timeout_s), stopping the workers and Ray (STOP_S).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -28,9 +30,10 @@ from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 
 log = logging.getLogger("distmerge")
 TEST_ENV_PREFIX = "DISTMERGE_TEST_"  # fault-injection hooks, forwarded to workers for the test suite
-POLL_S = 1.0
+POLL_S = 1.0  # the longest the driver sits in ray.wait: a signal's exception is raised within this
 START_S = 60.0  # a worker not ready this long after it was asked for (and no gpu_wait_s) never will be
 GRACE_S = 30.0  # how long the other workers get once the first is ready, when the cluster's room does not say
+STOP_S = 30.0  # killing the workers and shutting down a Ray we started; past this Ray is presumed hung
 
 
 def worker_shape(resources: dict, runtime: RuntimeSpec) -> tuple[int, float]:
@@ -121,13 +124,17 @@ class _SigtermNote(logging.Filter):
 
 
 def _init_ray(address: str | None, timeout: float) -> None:
-    """ray.init; for a `host:port` address, bounded by `timeout` in all: a TCP probe, then ray.init in a
-    daemon thread (ray.init itself retries an unreachable address forever)."""
+    """ray.init, keeping the caller's SIGTERM handler (ray.init replaces it with sys.exit); for a
+    `host:port` address, bounded by `timeout` in all: a TCP probe, then ray.init in a daemon thread."""
     import ray
 
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address is None or _host_port(address) is None:
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGTERM) if main else None
         ray.init(address=address or "local", **kwargs)
+        if main and before not in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, before)  # a handler the caller installed (the CLI's) stays theirs
         return
     deadline = time.monotonic() + timeout
     _probe(address, timeout)
@@ -168,15 +175,32 @@ def _init_ray(address: str | None, timeout: float) -> None:
                             f"{type(e).__name__}: {first}") from None
 
 
+def _wait(refs: list, num_returns: int, timeout: float) -> tuple[list, list]:
+    """ray.wait, raising what a signal handler raised while it waited (a SIGTERM handler's exception,
+    say). Ray's C++ wait runs the handlers: it lets KeyboardInterrupt and SystemExit through (as new,
+    plain ones), but any other exception comes out after the full timeout, as a SystemError caused by it."""
+    import ray
+
+    try:
+        return ray.wait(refs, num_returns=num_returns, timeout=timeout)
+    except SystemError as e:
+        if e.__cause__ is None:
+            raise
+        raise e.__cause__.with_traceback(e.__cause__.__traceback__) from None
+
+
 def _fault_hooks() -> None:
-    """Test-only: die or hang once per flag file, so the suite can kill a worker mid-merge."""
+    """Test-only: die or hang once per flag file, so the suite can kill a worker mid-merge. The flag
+    file holds the pid of the worker that took it."""
     for name, action in (("CRASH_ONCE", lambda: os._exit(1)), ("HANG_ONCE", lambda: time.sleep(10**6))):
         flag = os.environ.get(TEST_ENV_PREFIX + name)
         if flag:
             try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
             action()
 
 
@@ -243,15 +267,19 @@ class RayExecutor:
     def __enter__(self) -> "RayExecutor":
         import ray
 
-        if not ray.is_initialized():
-            _init_ray(self.runtime.address or os.environ.get("RAY_ADDRESS"), self.runtime.connect_timeout_s)
-            self._owns_ray = True
-        asked, self._gpus = self._wait_for_shape()
-        env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
-        self._actor = ray.remote(MergeWorker).options(
-            num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
-            runtime_env={"env_vars": env} if env else None)
-        self._start(asked)
+        try:
+            if not ray.is_initialized():
+                _init_ray(self.runtime.address or os.environ.get("RAY_ADDRESS"), self.runtime.connect_timeout_s)
+                self._owns_ray = True
+            asked, self._gpus = self._wait_for_shape()
+            env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+            self._actor = ray.remote(MergeWorker).options(
+                num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
+                runtime_env={"env_vars": env} if env else None)
+            self._start(asked)
+        except BaseException:  # an interrupt while workers start, too: __exit__ does not run when __enter__ fails
+            self.__exit__(*sys.exc_info())
+            raise
         log.info("ray: %d workers (%g CPU, %g GPU each) on %s", self.parallelism, self.runtime.cpus_per_worker,
                  self._gpus, ray.get_runtime_context().gcs_address)
         return self
@@ -312,7 +340,7 @@ class RayExecutor:
             now = time.monotonic()
             if now >= deadline:
                 break
-            done, _ = ray.wait(list(pings), num_returns=1, timeout=min(POLL_S, deadline - now))
+            done, _ = _wait(list(pings), 1, min(POLL_S, deadline - now))
             for ref in done:
                 slot = pings.pop(ref)
                 try:
@@ -345,21 +373,42 @@ class RayExecutor:
             log.warning("%d workers asked for, %d started (%s); merging on %d", asked, len(ready), why, len(ready))
 
     def __exit__(self, *exc) -> None:
-        import ray
+        """Kill the workers and shut down a Ray this executor started, within STOP_S: an unhealthy Ray
+        (a hung GCS) blocks ray.shutdown for minutes, and the driver must still get to its cleanup."""
+        workers = [w for w in self._workers if w is not None]
+        owns = self._owns_ray
+        self._workers, self._owns_ray = [], False
+        if not workers and not owns:
+            return
 
-        for w in self._workers:
-            if w is not None:
-                ray.kill(w, no_restart=True)
-        self._workers = []
-        if self._owns_ray:
-            ray.shutdown()
+        def stop() -> None:
+            import ray
+
+            try:
+                for w in workers:
+                    ray.kill(w, no_restart=True)
+                if owns:
+                    ray.shutdown()
+            except Exception as e:
+                log.warning("ray: stopping the workers failed: %s", _first_line(e))
+
+        stopper = threading.Thread(target=stop, name="distmerge-ray-stop", daemon=True)
+        stopper.start()
+        stopper.join(STOP_S)
+        if stopper.is_alive():
+            log.warning("ray: stopping %d workers%s did not finish within %gs; Ray looks unhealthy, and its "
+                        "processes may outlive this merge (`ray status`)", len(workers),
+                        " and the Ray this merge started" if owns else "", STOP_S)
 
     def _preflight(self, files: Sequence[str], staging: str) -> None:
         import ray
         from ray.exceptions import RayError
 
         refs = [w.preflight.remote(files, staging) for w in self._workers]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=START_S)
+        deadline = time.monotonic() + START_S
+        pending = refs
+        while pending and time.monotonic() < deadline:
+            _, pending = _wait(refs, len(refs), min(POLL_S, max(0.0, deadline - time.monotonic())))
         if pending:
             raise ExecutorError(f"{len(pending)} of {len(refs)} Ray workers did not answer the preflight within "
                                 f"{START_S:g}s though they had started; check the cluster's health (ray status)")
@@ -420,7 +469,7 @@ class RayExecutor:
             if not inflight and not starting:
                 raise ExecutorError(f"{len(queue)} shards left and no Ray worker to run them: every replacement "
                                     f"worker failed to start ({lost[-1] if lost else '?'}); check `ray status`")
-            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=POLL_S)
+            ready, _ = _wait(list(inflight) + list(starting), 1, POLL_S)
             for ref in ready:
                 if ref in starting:
                     slot, _asked = starting.pop(ref)
