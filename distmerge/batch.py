@@ -30,12 +30,12 @@ from distmerge.adapters.pin import Stamp, sha256_pinned
 from distmerge.config.units import format_size
 from distmerge.config.zoo import Recipe, Zoo
 from distmerge.errors import DistmergeError, OutputError
-from distmerge.executors import make_executor
+from distmerge.executors import make_executor, resolve_executor_name
 from distmerge.job import Job, fingerprint, fingerprint_id, input_files, open_inputs
 from distmerge.output.assemble import write_json
 from distmerge.output.manifest import MANIFEST
 from distmerge.output.owner import BatchLock
-from distmerge.plan import ShardTask
+from distmerge.plan import ShardTask, build_plan
 from distmerge.shard import ShardResult
 
 log = logging.getLogger("distmerge")
@@ -152,6 +152,8 @@ class Batch:
         self._executor = ""
         self._hasher: cf.ThreadPoolExecutor | None = None
         self._bar = None
+        self._opened: dict[str, list] = {}  # inputs opened to size the pool, reused by the recipe's check
+        self._shards = [0, 0, 0, 0]  # shards done, shards queued, bytes read, bytes to read: the bar's postfix
 
     # --- deciding -----------------------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Batch:
             manifest = previous_output(up)
             if manifest is not None:
                 self.identities.learn_output(up, manifest)
-        adapters = open_inputs(recipe.config)
+        adapters = self._opened.pop(recipe.name, None) or open_inputs(recipe.config)
         if recipe.name in self.force:
             return "forced", adapters
         hashes = {f: self.identities.sha(f, stamp, a.name) for a, f, stamp in input_files(adapters)}
@@ -188,8 +190,6 @@ class Batch:
                 rows.append(Outcome(name, "would merge", f"after {', '.join(after)} (its inputs will change)"))
                 stale.add(name)
             elif why:
-                from distmerge.plan import build_plan
-
                 p = build_plan(recipe.config, adapters)
                 rows.append(Outcome(name, "would merge", why, p.method, p.rank, p.in_bytes))
                 stale.add(name)
@@ -199,8 +199,25 @@ class Batch:
 
     # --- running --------------------------------------------------------------------------------------------
 
+    def peak_bytes(self) -> int:
+        """The largest working set per worker among the recipes that can be planned before the batch runs
+        (not those merging other recipes' outputs, which do not exist yet): what each Ray worker reserves."""
+        if resolve_executor_name(self.zoo.runtime) != "ray":
+            return 0
+        peak = 0
+        for name in self.selected:
+            recipe = self.zoo.get(name)
+            if recipe.needs:
+                continue
+            try:
+                self._opened[name] = open_inputs(recipe.config)
+                peak = max(peak, build_plan(recipe.config, self._opened[name]).peak_bytes)
+            except DistmergeError:
+                continue  # the recipe fails, with this error, when its turn comes
+        return peak
+
     def run(self, progress: bool = True) -> list[Outcome]:
-        with BatchLock(self.lock_dir(), self.zoo.source), make_executor(self.zoo.runtime) as pool, \
+        with BatchLock(self.lock_dir(), self.zoo.source), make_executor(self.zoo.runtime, self.peak_bytes()) as pool, \
                 cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
             self._parallelism, self._executor = pool.parallelism, pool.name
             self._hasher = None if pool.in_process else hasher
@@ -259,7 +276,10 @@ class Batch:
             job.prepare(adapters)
             job.__enter__()
             self._jobs[recipe.name] = job
-            self._queue.extend(job.shard(self._parallelism))
+            tasks = job.shard(self._parallelism)
+            self._queue.extend(tasks)
+            self._shards[1] += len(tasks)
+            self._shards[3] += sum(t.in_bytes for t in tasks)
             job.hash_inputs(self._hasher)
             return True
         except DistmergeError as e:
@@ -270,6 +290,11 @@ class Batch:
             return False
 
     def done(self, task: ShardTask, result: ShardResult) -> None:
+        self._shards[0] += 1
+        self._shards[2] += task.in_bytes
+        if self._bar is not None:
+            done, queued, read, total = self._shards
+            self._bar.set_postfix_str(f"shards {done}/{queued}, {format_size(read)}/{format_size(total)}")
         job = self._jobs.get(task.job)
         if job is None or not job.add(task, result):
             return  # the rest of a job that failed, or not its last shard

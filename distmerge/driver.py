@@ -54,7 +54,7 @@ def merge(config: ConfigSource, overrides: Iterable[str] = ()) -> MergeResult:
     job = Job(cfg)
     the_plan = job.prepare()
     # The job (its staging) is entered first so that it is removed last: workers stop before their directory goes.
-    with job, make_executor(cfg.runtime) as executor, \
+    with job, make_executor(cfg.runtime, the_plan.peak_bytes) as executor, \
             cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
         tasks = job.shard(executor.parallelism)
         # Inputs are hashed for the manifest while remote workers merge; an in-process executor merges on

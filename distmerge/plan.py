@@ -95,6 +95,13 @@ class ShardTask:
         return f"part-{self.index:05d}.safetensors"
 
     @property
+    def files(self) -> list[str]:
+        """The input files this task reads."""
+        return sorted({s.a.file for m in self.modules for s in m.sources} | {s.b.file for m in self.modules
+                                                                               for s in m.sources}
+                      | {i.file for p in self.passthrough for _, i in p.sources})
+
+    @property
     def in_bytes(self) -> int:
         return sum(m.in_bytes for m in self.modules) + sum(p.nbytes for p in self.passthrough)
 
@@ -131,6 +138,11 @@ class Plan:
     @property
     def out_bytes(self) -> int:
         return sum(j.out_bytes for j in self.jobs) + sum(p.nbytes for p in self.passthrough)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The working set of the largest module: what any shard of this plan peaks at."""
+        return max([j.work_bytes for j in self.jobs] + [p.nbytes * 2 for p in self.passthrough] + [0])
 
     def shard(self, num_tasks: int, staging: str = "", device: str = "auto", threads: int = 1,
               job: str = "") -> list[ShardTask]:

@@ -146,3 +146,14 @@ def merge_config(aset: AdapterSet, out: Path, method: str, **merge_kwargs) -> di
         "output": {"path": str(out), **output},
         "runtime": runtime,
     }
+
+
+@pytest.fixture
+def shelf(adapter_sets, tmp_path) -> Path:
+    """A shared folder of real PEFT adapters, as a model zoo keeps them: sql, chat, code-a, code-b, code-c."""
+    import shutil
+
+    root = tmp_path / "adapters"
+    for name, src in zip(["sql", "chat", "code-a", "code-b", "code-c"], adapter_sets("llama").paths * 2):
+        shutil.copytree(src, root / name)
+    return root

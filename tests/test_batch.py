@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,14 +27,6 @@ def _weights(out: Path) -> dict[str, str]:
     """The output's adapter files by sha256 (the manifest records times, so it is left out)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
             if p.name != "distmerge.json"}
-
-
-@pytest.fixture
-def shelf(adapter_sets, tmp_path) -> Path:
-    root = tmp_path / "adapters"
-    for name, src in zip(["sql", "chat", "code-a", "code-b"], adapter_sets("llama").paths * 2):
-        shutil.copytree(src, root / name)
-    return root
 
 
 def zoo_doc(shelf: Path, root: Path, runtime: dict | None = None) -> dict:

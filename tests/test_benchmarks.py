@@ -39,3 +39,26 @@ def test_benchmark_smoke(tmp_path):
     report = (tmp_path / "benchmarks.md").read_text()
     assert "merge / read once" in report
     assert all(f"| {m} |" in report for m in methods) and "~ PEFT merged a sample of 3 modules" in report
+
+
+def test_batch_benchmark_smoke(tmp_path):
+    """bench_batch.py --tiny: 4 recipes, local only. Both sides merged the same bytes; no timing is asserted."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--tiny", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"setup", "env", "floor_s", "runs", "identical", "targets", "window"} <= set(results)
+    assert results["setup"]["recipes"] == 4
+    runs = results["runs"]
+    assert set(runs) == {"local_separate", "local_batch", "rerun"}  # --tiny runs no Ray
+    assert runs["local_separate"]["processes"] == 4 and not runs["local_separate"]["extrapolated"]
+    for r in runs.values():
+        assert r["wall_s"] > 0 and r["peak_rss"] > 0
+    assert runs["local_batch"]["counts"]["merged"] == 4
+    assert runs["rerun"]["counts"]["up to date"] == 4 and runs["rerun"]["inputs_hashed"] == 0
+    same = results["identical"]["local batch vs local separate"]
+    assert same == {"compared": 4, "identical": 4, "mismatched": []}
+    assert {t["target"] for t in results["targets"]} == {"local: separate processes / batch",
+                                                        "local batch first run / up-to-date rerun"}
+    report = (tmp_path / "batch.md").read_text()
+    assert "| local: `distmerge batch`, up to date |" in report and "4 of 4 identical" in report

@@ -4,7 +4,6 @@ is reported at once, before anything runs."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,6 @@ import pytest
 from distmerge.config import load_config
 from distmerge.config.zoo import load_zoo
 from distmerge.errors import ConfigError
-
-
-@pytest.fixture
-def shelf(adapter_sets, tmp_path) -> Path:
-    """A shared folder of adapters: sql, chat, code-a, code-b, code-c (real PEFT adapters)."""
-    root = tmp_path / "adapters"
-    paths = adapter_sets("llama").paths
-    for name, src in zip(["sql", "chat", "code-a", "code-b", "code-c"], paths * 2):
-        shutil.copytree(src, root / name)
-    return root
 
 
 def _zoo(tmp_path: Path, doc: dict) -> Path:

@@ -288,6 +288,9 @@ def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:
     for key, value, choices in (("executor", r.executor, schema.EXECUTORS), ("device", r.device, schema.DEVICES)):
         if value not in choices:
             p.append(f"runtime.{key}: expected one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
+    if not 0 < r.connect_timeout_s < float("inf"):  # NaN fails too
+        p.append(f"runtime.connect_timeout_s: must be a finite number of seconds > 0 to reach runtime.address, "
+                 f"got {r.connect_timeout_s}")
     if r.num_workers is not None and r.num_workers < 1:
         p.append(f"runtime.num_workers: must be >= 1 or null, got {r.num_workers}")
     if r.gpus_per_worker is not None and r.gpus_per_worker < 0:

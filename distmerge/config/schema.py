@@ -43,6 +43,7 @@ class OutputSpec:
 class RuntimeSpec:
     executor: str = "auto"
     address: Optional[str] = None
+    connect_timeout_s: float = 60.0  # reaching runtime.address (TCP, then ray.init), before failing
     num_workers: Optional[int] = None
     gpus_per_worker: Optional[float] = None
     cpus_per_worker: float = 1  # also the torch threads of the math, in every executor (same bytes)

@@ -16,12 +16,14 @@ def resolve_executor_name(runtime: RuntimeSpec) -> str:
     return "local"
 
 
-def make_executor(runtime: RuntimeSpec):
+def make_executor(runtime: RuntimeSpec, peak_bytes: int = 0):
+    """The pool for a merge or a batch; `peak_bytes` is the plans' largest working set per worker, which a
+    Ray worker reserves (with Python's and torch's own) so that Ray never packs more workers than fit."""
     name = resolve_executor_name(runtime)
     if name == "ray":
         from distmerge.executors.ray import RayExecutor  # Ray is imported only when it schedules
 
-        return RayExecutor(runtime)
+        return RayExecutor(runtime, peak_bytes)
     from distmerge.executors.local import LocalExecutor
 
     return LocalExecutor()
