@@ -31,12 +31,13 @@ from distmerge.config.units import format_size
 from distmerge.config.zoo import Recipe, Zoo
 from distmerge.errors import DistmergeError, OutputError
 from distmerge.executors import make_executor, resolve_executor_name
-from distmerge.job import Job, fingerprint, fingerprint_id, input_files, open_inputs
+from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
 from distmerge.output.manifest import MANIFEST
 from distmerge.output.owner import BatchLock
 from distmerge.plan import ShardTask, build_plan
 from distmerge.shard import ShardResult
+from distmerge.sources import open_inputs
 
 log = logging.getLogger("distmerge")
 REPORT = "batch_report.json"
@@ -170,7 +171,7 @@ class Batch:
         adapters = self._opened.pop(recipe.name, None) or open_inputs(recipe.config)
         if recipe.name in self.force:
             return "forced", adapters
-        hashes = {f: self.identities.sha(f, stamp, a.name) for a, f, stamp in input_files(adapters)}
+        hashes = {f: file_sha256(a, f, stamp, self.identities.sha) for a, f, stamp in input_files(adapters)}
         return staleness(fingerprint(recipe.config, adapters, hashes), prev), adapters
 
     def plan(self) -> list[Outcome]:

@@ -10,10 +10,11 @@ from typing import Iterable
 from distmerge.config import ConfigSource, format_size, load_config
 from distmerge.errors import DistmergeError
 from distmerge.executors import make_executor
-from distmerge.job import Job, MergeResult, open_inputs
+from distmerge.job import Job, MergeResult
 from distmerge.plan import Plan, ShardTask, build_plan
 from distmerge.progress import Progress
 from distmerge.shard import ShardResult
+from distmerge.sources import open_inputs
 
 log = logging.getLogger("distmerge")
 __all__ = ["MergeResult", "merge", "plan"]

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from distmerge.adapters import open_adapter
 from distmerge.adapters.adapter import Adapter
 from distmerge.adapters.pin import sha256_pinned
 from distmerge.config.schema import MergeConfig
@@ -27,6 +26,7 @@ from distmerge.output.owner import check_target
 from distmerge.output.staging import Staging
 from distmerge.plan import Plan, ShardTask, build_plan, default_num_tasks
 from distmerge.shard import ShardResult
+from distmerge.sources import local_dirs, open_inputs
 
 log = logging.getLogger("distmerge")
 Hasher = Callable[[str, object, str], str]  # (path, planned stamp, adapter name) → sha256
@@ -42,13 +42,16 @@ class MergeResult:
     manifest: dict
 
 
-def open_inputs(cfg: MergeConfig) -> list[Adapter]:
-    return [open_adapter(spec, i) for i, spec in enumerate(cfg.adapters)]
 
 
 def input_files(adapters: Sequence[Adapter]) -> list[tuple[Adapter, str, object]]:
     """(adapter, file, planned stamp) for every file an adapter's merge depends on."""
     return [(a, f, a.stamps.get(f)) for a in adapters for f in (*a.files, a.config_file)]
+
+
+def file_sha256(adapter: Adapter, file: str, stamp, hasher: Hasher) -> str:
+    """An input file's sha256: its name where it is one (a Hub cache blob, not read again), else `hasher`'s."""
+    return adapter.known_sha256(file) or hasher(file, stamp, adapter.name)
 
 
 def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str, str]) -> dict:
@@ -98,7 +101,7 @@ class Job:
         `adapters` are the config's inputs when the caller opened them already (a batch's up-to-date check).
         """
         cfg = self.cfg
-        check_target(cfg.output.path, cfg.output.overwrite, [(a.name, a.path) for a in cfg.adapters])
+        check_target(cfg.output.path, cfg.output.overwrite, local_dirs(cfg))
         self.adapters = list(adapters) if adapters is not None else open_inputs(cfg)
         self.plan = build_plan(cfg, self.adapters)  # every cross-adapter check, before any worker starts
         self._t_plan = time.perf_counter()
@@ -125,8 +128,8 @@ class Job:
         """Start hashing the inputs for the manifest: on `pool` alongside remote workers, else when called."""
         for a, f, stamp in input_files(self.adapters):
             if f not in self._hashes:
-                self._hashes[f] = pool.submit(self._hasher, f, stamp, a.name) if pool else _done(
-                    self._hasher(f, stamp, a.name))
+                self._hashes[f] = pool.submit(file_sha256, a, f, stamp, self._hasher) if pool else _done(
+                    file_sha256(a, f, stamp, self._hasher))
 
     def add(self, task: ShardTask, result: ShardResult) -> bool:
         """Record a shard's result; True when it was the job's last."""
@@ -146,7 +149,7 @@ class Job:
         hashes = write_files(plan, tensors, staging)
         write_json(os.path.join(staging, "adapter_config.json"), plan.adapter_config)
         sha = {f: fut.result() for f, fut in self._hashes.items()}
-        inputs = [{"name": a.name, "path": a.path, "weight": a.weight,
+        inputs = [{"name": a.name, "path": a.path, "weight": a.weight, **a.source,
                    "files": [{"file": f, "bytes": a.stamps[f].size, "mtime_ns": a.stamps[f].mtime_ns,
                               "sha256": sha[f]} for f in (*a.files, a.config_file)]}
                   for a in self.adapters]

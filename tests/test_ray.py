@@ -209,6 +209,8 @@ def test_preflight_names_the_node_and_the_path(tmp_path):
     assert _check_access([], str(tmp_path / "stage")) is None
     problem = _check_access([str(tmp_path / "missing.safetensors")], str(tmp_path / "stage"))
     assert "cannot read input" in problem and "missing.safetensors" in problem and "node" in problem
+    problem = _check_access([str(tmp_path / "hub" / "models--org--name" / "blobs" / "abc")], str(tmp_path / "stage"))
+    assert "runtime.hub_cache" in problem and "shared storage" in problem
     problem = _check_access([], str(tmp_path / "elsewhere"))
     assert "cannot write the output's staging directory" in problem and "node-local" in problem
 

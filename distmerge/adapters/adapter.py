@@ -8,7 +8,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from distmerge import lora
 from distmerge.adapters.pin import Stamp
@@ -57,6 +57,8 @@ class Adapter:
     extras: dict[str, TensorInfo] = field(repr=False)  # modules_to_save, saved embedding base layers
     config_file: str = ""  # adapter_config.json, resolved
     stamps: dict[str, Stamp] = field(default_factory=dict, repr=False)  # every file read, as planned
+    source: dict = field(default_factory=dict)  # where it came from: the path as given, Hub repo and commit
+    known_sha256: Callable[[str], Optional[str]] = field(default=lambda path: None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:

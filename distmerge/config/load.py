@@ -207,6 +207,15 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
         spec = build_section(AdapterSpec, item, where, p)
         if spec is None:
             continue
+        from distmerge.sources import hub, is_remote  # imported here: sources import the config's schema
+
+        if is_remote(spec.path):  # resolved (downloaded) by its source when the merge starts, not checked here
+            if hub.parse(spec.path) is None:
+                p.append(f"{where}.path: {spec.path!r} is not a Hub path distmerge can read; write {hub.SYNTAX}")
+            if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
+                p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
+            specs.append(spec)
+            continue
         path = Path(spec.path).expanduser()
         if os.path.realpath(path) in pending:
             pass
@@ -232,13 +241,20 @@ def _name_adapters(specs: list[AdapterSpec], p: list[str]) -> None:
     for i, s in enumerate(specs):
         if s.name:
             continue
-        base = Path(s.path).name or f"adapter{i}"
+        base = _default_name(s.path) or f"adapter{i}"
         name, k = base, 1
         while name in taken:
             k += 1
             name = f"{base}_{k}"
         taken.add(name)
         specs[i] = dataclasses.replace(s, name=name)
+
+
+def _default_name(path: str) -> str:
+    """The adapter's directory name, or for hf://ORG/NAME@REV/SUB the subfolder's (else the repo's) name."""
+    from distmerge.sources import hub, is_remote  # imported here: sources import the config's schema
+
+    return hub.default_name(path) if is_remote(path) else Path(path).name
 
 
 def _check_merge(m: MergeSpec, p: list[str]) -> None:

@@ -52,6 +52,7 @@ class RuntimeSpec:
     task_timeout_s: Optional[float] = 3600.0
     max_retries: int = 3
     progress: bool = True
+    hub_cache: Optional[str] = None  # where hf:// inputs are downloaded; null: huggingface_hub's (HF_HUB_CACHE)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,9 @@ def _check_access(files: Sequence[str], staging: str) -> str | None:
             with open(f, "rb") as h:
                 h.read(8)
         except OSError as e:
-            return f"{where} cannot read input {f}: {e.strerror or e}; inputs must be on storage every node sees"
+            hub = ("; hf:// inputs are downloaded by the driver into runtime.hub_cache (default: the Hugging Face "
+                   "cache), which must then be a directory on shared storage" if "/models--" in f else "")
+            return f"{where} cannot read input {f}: {e.strerror or e}; inputs must be on storage every node sees{hub}"
     probe = os.path.join(staging, "_parts", f".probe-{socket.gethostname()}-{os.getpid()}")
     try:
         with open(probe, "wb") as h:
