@@ -37,6 +37,7 @@ class OutputSpec:
     shard_size: Union[str, int] = "2GB"  # "2GB", "500MiB" or a number of bytes
     consolidate: bool = True
     overwrite: bool = False
+    model_card: bool = True  # README.md: what was merged and how to load it (distmerge/publish/card.py)
 
 
 @dataclass(frozen=True)
