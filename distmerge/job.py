@@ -40,6 +40,7 @@ class MergeResult:
     rank: int
     seconds: float
     manifest: dict
+    hub: dict | None = None  # where output.push_to_hub uploaded it (publish.hub.record), after the merge
 
 
 def open_inputs(cfg: MergeConfig) -> list[Adapter]:

@@ -1,5 +1,6 @@
-"""Publishing: every output carries a model card that huggingface_hub parses back. No test reaches the network:
-HF_HUB_OFFLINE is set (conftest), and a guard fails any test that opens a socket to a non-loopback address."""
+"""Publishing: every output carries a model card that huggingface_hub parses back, and push_to_hub uploads the
+finished output in one commit. No test reaches the network: HF_HUB_OFFLINE is set (conftest), a guard fails any
+test that opens a socket to a non-loopback address, and the Hub is a recording stand-in for HfApi."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitInfo, ModelCard
 
 import distmerge
 from distmerge.cli import main
+from distmerge.errors import ConfigError, PushError
 from distmerge.output.owner import not_ours
+from distmerge.publish import hub as hub_module
 from distmerge.publish.card import build_card
 from tests.conftest import merge_config
 
@@ -75,6 +78,59 @@ def test_the_network_guard_catches_a_connection(no_network):
         socket.create_connection(("hf.co", 443), timeout=1)
     assert no_network == ["getaddrinfo('hf.co')"]
     no_network.clear()
+
+
+# --- the Hub, as a recording stand-in -----------------------------------------------------------------------------
+
+
+class Hub:
+    """What distmerge asked of the Hub, call by call. `fail` makes every call raise it."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail: BaseException | None = None
+
+    def names(self, call: str) -> list[dict]:
+        return [kw for c, kw in self.calls if c == call]
+
+
+class RecordingApi:
+    def __init__(self, hub: Hub):
+        self.hub = hub
+
+    def _call(self, name: str, **kw):
+        self.hub.calls.append((name, kw))
+        if self.hub.fail is not None:
+            raise self.hub.fail
+
+    def create_repo(self, repo_id, **kw):
+        self._call("create_repo", repo_id=repo_id, **kw)
+
+    def create_branch(self, repo_id, **kw):
+        self._call("create_branch", repo_id=repo_id, **kw)
+
+    def upload_folder(self, **kw):
+        folder = Path(kw["folder_path"])
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+        # what upload_folder would send: the files there that allow_patterns admits (exact names here)
+        kw["files"] = [n for n in present or [] if n in (kw.get("allow_patterns") or present)]
+        kw["present"] = present
+        kw["complete"] = folder.is_dir() and not_ours(folder) is None
+        kw["debris"] = sorted(p.name for p in folder.parent.iterdir() if ".distmerge-" in p.name)
+        self._call("upload_folder", **kw)
+        n = len(self.hub.names("upload_folder"))
+        oid = f"{n:040x}"
+        pr = f"https://huggingface.co/{kw['repo_id']}/discussions/{n}" if kw.get("create_pr") else None
+        return CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{oid}",
+                          commit_message=kw.get("commit_message") or "", commit_description="", oid=oid, pr_url=pr)
+
+
+@pytest.fixture
+def hub(monkeypatch) -> Hub:
+    """Replaces HfApi where distmerge constructs it (distmerge.publish.hub.HfApi)."""
+    recorder = Hub()
+    monkeypatch.setattr(hub_module, "HfApi", lambda *a, **k: RecordingApi(recorder))
+    return recorder
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -197,3 +253,130 @@ def test_an_output_with_its_card_is_replaced_but_an_edited_card_is_not(adapter_s
     code, _, err = _cli(capsys, "merge", str(cfg))
     assert code == 2 and "has README.md changed since distmerge wrote it" in err
     assert (out / "README.md").read_text().endswith("my notes\n")
+
+
+# --- push_to_hub ---------------------------------------------------------------------------------------------
+
+
+def test_merge_pushes_the_complete_output(adapter_sets, tmp_path, capsys, hub):
+    out = tmp_path / "out"
+    cfg = _write(tmp_path, merge_config(adapter_sets("llama"), out, "ties", density=0.5, output={
+        "push_to_hub": "my-org/support-merged", "hub_private": True, "hub_revision": "nightly",
+        "hub_create_pr": True, "hub_commit_message": "Nightly merge"}))
+    code, stdout, err = _cli(capsys, "merge", str(cfg))
+    assert code == 0, err
+    assert [c for c, _ in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.names("create_repo") == [{"repo_id": "my-org/support-merged", "private": True, "exist_ok": True,
+                                         "repo_type": "model"}]
+    assert hub.names("create_branch") == [{"repo_id": "my-org/support-merged", "branch": "nightly", "exist_ok": True,
+                                           "repo_type": "model"}]
+    up = hub.names("upload_folder")[0]
+    listed = sorted({o["file"] for o in _manifest(out)["outputs"]} | {"distmerge.json"})
+    assert up["folder_path"] == str(out)  # the final directory, not its staging
+    assert up["files"] == up["present"] == listed == ["README.md", "adapter_config.json",
+                                                      "adapter_model.safetensors", "distmerge.json"]
+    assert up["complete"] and up["debris"] == []  # uploaded after the rename: complete, no staging left
+    assert (up["repo_id"], up["revision"], up["create_pr"], up["commit_message"]) == (
+        "my-org/support-merged", "nightly", True, "Nightly merge")
+    assert up["delete_patterns"] == ["adapter_model*.safetensors", "adapter_model.safetensors.index.json"]
+    assert "pushed to my-org/support-merged@nightly as a pull request: https://huggingface.co/my-org/" in stdout
+    assert TOKEN not in stdout + err
+
+
+def test_push_defaults_and_the_python_api(adapter_sets, tmp_path, hub):
+    out = tmp_path / "out"
+    result = distmerge.merge(merge_config(adapter_sets("llama"), out, "linear",
+                                          output={"push_to_hub": "my-org/plain", "consolidate": False,
+                                                  "shard_size": "2KB"}))
+    assert [c for c, _ in hub.calls] == ["create_repo", "upload_folder"]  # no branch to create
+    assert hub.names("create_repo")[0]["private"] is False
+    up = hub.names("upload_folder")[0]
+    assert (up["revision"], up["create_pr"]) == (None, False) and "linear" in up["commit_message"]
+    assert len([f for f in up["files"] if f.startswith("adapter_model-")]) > 1  # every shard and the index
+    assert "adapter_model.safetensors.index.json" in up["files"]
+    assert result.hub == {"repo": "my-org/plain", "revision": "main", "oid": f"{1:040x}", "pr_url": None,
+                          "commit_url": f"https://huggingface.co/my-org/plain/commit/{1:040x}"}
+    assert "hub" not in _manifest(out)  # written before the upload; the push is recorded in the result
+
+
+@pytest.mark.parametrize("error", ["http", "oserror", "offline"])
+def test_a_failed_upload_leaves_the_output_complete_and_says_how_to_retry(adapter_sets, tmp_path, capsys, hub,
+                                                                          monkeypatch, error):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    out = tmp_path / "my out"
+    if error == "http":
+        response = httpx2.Response(401, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        hub.fail = HfHubHTTPError(f"401 Client Error: Unauthorized (Authorization: Bearer {TOKEN})",
+                                  response=response)
+    elif error == "oserror":
+        hub.fail = OSError(f"[Errno 101] Network is unreachable\nwhile sending {TOKEN}")
+    else:  # the real HfApi: HF_HUB_OFFLINE makes it refuse before any request
+        monkeypatch.setattr(hub_module, "HfApi", huggingface_hub.HfApi)
+    cfg = _write(tmp_path, merge_config(adapter_sets("llama"), out, "linear",
+                                        output={"push_to_hub": "my-org/x", "hub_revision": "dev"}))
+    code, stdout, err = _cli(capsys, "merge", str(cfg))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"the output is complete at {out}, but uploading it to my-org/x@dev failed" in err
+    assert f"retry the upload alone with: distmerge push '{out}' my-org/x --revision dev" in err
+    assert TOKEN not in err + stdout
+    if error == "http":
+        assert "set HF_TOKEN to a token with write access to my-org" in err
+    if error == "offline":
+        assert "OfflineModeIsEnabled" in err
+    assert not_ours(out) is None and (out / "README.md").is_file()  # complete, and still distmerge's own
+    assert not [p for p in tmp_path.iterdir() if ".distmerge-" in p.name]
+    with pytest.raises(PushError):
+        distmerge.merge(str(cfg), ["output.overwrite=true"])
+
+
+def test_distmerge_push_refuses_what_is_not_a_complete_output(adapter_sets, tmp_path, capsys, hub):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("x")
+    code, _, err = _cli(capsys, "push", str(theirs), "my-org/x")
+    assert code == 2 and "is not a distmerge output (no distmerge.json)" in err and "distmerge push uploads" in err
+    (tmp_path / "empty").mkdir()
+    assert _cli(capsys, "push", str(tmp_path / "empty"), "my-org/x")[0] == 2
+    assert _cli(capsys, "push", str(tmp_path / "missing"), "my-org/x")[0] == 2
+
+    out = tmp_path / "out"
+    distmerge.merge(merge_config(adapter_sets("llama"), out, "linear"))
+    code, _, err = _cli(capsys, "push", str(out), "my org/x", "--revision", "a b")
+    assert code == 2 and "ORG/NAME: 'my org/x' is not a valid Hub repo id" in err
+    assert "--revision: 'a b' is not a branch name" in err
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, "push", str(out), "my-org/x")
+    assert code == 2 and "holds files distmerge did not write (notes.txt)" in err
+    assert hub.calls == []
+
+    (out / "notes.txt").unlink()
+    code, stdout, err = _cli(capsys, "push", str(out), "my-org/x", "--private", "--revision", "v1", "--create-pr",
+                             "--message", "Retry")
+    assert code == 0, err
+    up = hub.names("upload_folder")[0]
+    assert hub.names("create_repo")[0]["private"] is True and hub.names("create_branch")[0]["branch"] == "v1"
+    assert (up["folder_path"], up["revision"], up["create_pr"], up["commit_message"]) == (str(out), "v1", True,
+                                                                                          "Retry")
+    assert "pushed to my-org/x@v1 as a pull request" in stdout
+
+
+def test_push_keys_are_validated_with_the_rest(adapter_sets, tmp_path):
+    cfg = merge_config(adapter_sets("llama"), tmp_path / "out", "linear", output={
+        "push_to_hub": "my-org/a/b", "hub_revision": "../main", "hub_commit_message": "two\nlines",
+        "model_card": "yes"})
+    with pytest.raises(ConfigError) as e:
+        distmerge.load_config(cfg)
+    problems = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 1 and "output.model_card: expected bool" in problems  # types first
+    del cfg["output"]["model_card"]
+    with pytest.raises(ConfigError) as e:
+        distmerge.load_config(cfg)
+    assert [p.split(":")[0] for p in e.value.problems] == ["output.push_to_hub", "output.hub_revision",
+                                                          "output.hub_commit_message"]
+    assert "expected ORG/NAME" in e.value.problems[0]
+    with pytest.raises(ConfigError, match="is not a valid Hub repo id"):
+        distmerge.load_config(cfg, ["output.push_to_hub=my-org/bad--name", "output.hub_revision=null",
+                                    "output.hub_commit_message=null"])

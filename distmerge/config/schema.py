@@ -38,6 +38,11 @@ class OutputSpec:
     consolidate: bool = True
     overwrite: bool = False
     model_card: bool = True  # README.md: what was merged and how to load it (distmerge/publish/card.py)
+    push_to_hub: Optional[str] = None  # ORG/NAME: upload the finished output in one commit
+    hub_private: bool = False  # a repo push_to_hub creates is private
+    hub_revision: Optional[str] = None  # a branch, created when missing; null: main
+    hub_create_pr: bool = False  # open a pull request instead of committing to the branch
+    hub_commit_message: Optional[str] = None
 
 
 @dataclass(frozen=True)
