@@ -17,6 +17,7 @@ from huggingface_hub import CommitInfo, ModelCard
 
 import distmerge
 from distmerge.cli import main
+from distmerge.config.zoo import load_zoo
 from distmerge.errors import ConfigError, PushError
 from distmerge.output.owner import not_ours
 from distmerge.publish import hub as hub_module
@@ -380,3 +381,69 @@ def test_push_keys_are_validated_with_the_rest(adapter_sets, tmp_path):
     with pytest.raises(ConfigError, match="is not a valid Hub repo id"):
         distmerge.load_config(cfg, ["output.push_to_hub=my-org/bad--name", "output.hub_revision=null",
                                     "output.hub_commit_message=null"])
+
+
+# --- a batch --------------------------------------------------------------------------------------------------
+
+
+def _zoo(shelf: Path, root: Path) -> dict:
+    return {"defaults": {"merge": {"method": "linear"}, "runtime": {"executor": "local", "progress": False}},
+            "output_root": str(root),
+            "recipes": [
+                {"name": "bot", "adapters": [{"path": str(shelf / "sql")}, {"path": str(shelf / "chat")}],
+                 "output": {"push_to_hub": "my-org/bot"}},
+                {"name": "code", "adapters": [{"path": str(shelf / "code-a")}, {"path": str(shelf / "code-b")}],
+                 "output": {"push_to_hub": "my-org/code"}},
+                {"name": "mix", "adapters": [{"recipe": "bot"}, {"recipe": "code"}]},
+            ]}
+
+
+def _batch(capsys, zoo: Path, *args: str) -> tuple[int, str, dict]:
+    code, stdout, _ = _cli(capsys, "batch", str(zoo), *args)
+    report = json.loads(Path(json.loads(zoo.read_text())["output_root"], "batch_report.json").read_text())
+    return code, stdout, {r["recipe"]: r for r in report["recipes"]}
+
+
+def test_a_batch_pushes_what_it_merges_and_nothing_up_to_date(shelf, tmp_path, capsys, hub):
+    zoo = _write(tmp_path, _zoo(shelf, tmp_path / "zoo"), "zoo.yaml")
+    code, stdout, report = _batch(capsys, zoo)
+    assert code == 0, stdout
+    ups = hub.names("upload_folder")
+    assert sorted((u["repo_id"], u["folder_path"]) for u in ups) == [
+        ("my-org/bot", str(tmp_path / "zoo" / "bot")), ("my-org/code", str(tmp_path / "zoo" / "code"))]
+    assert all(u["complete"] for u in ups)
+    assert report["bot"]["hub"]["repo"] == "my-org/bot" and report["bot"]["hub"]["oid"]
+    assert "pushed to my-org/bot@main" in report["bot"]["reason"] and report["mix"]["hub"] == {}
+
+    code, stdout, report = _batch(capsys, zoo)  # all up to date: nothing merges, nothing is pushed again
+    assert code == 0 and {r["status"] for r in report.values()} == {"up to date"}
+    assert len(hub.names("upload_folder")) == 2
+
+    _batch(capsys, zoo, "--force", "code")
+    assert [u["repo_id"] for u in hub.names("upload_folder")][2:] == ["my-org/code"]
+
+
+def test_a_failed_push_fails_its_recipe_alone(shelf, tmp_path, capsys, hub):
+    hub.fail = OSError("Network is unreachable")
+    zoo = _write(tmp_path, _zoo(shelf, tmp_path / "zoo"), "zoo.yaml")
+    code, stdout, report = _batch(capsys, zoo)
+    assert code == 2
+    assert {n: r["status"] for n, r in report.items()} == {"bot": "failed", "code": "failed", "mix": "merged"}
+    bot = tmp_path / "zoo" / "bot"
+    assert f"the output is complete at {bot}" in report["bot"]["reason"]
+    assert f"distmerge push {bot} my-org/bot" in report["bot"]["reason"]
+    for name in ("bot", "code", "mix"):  # the outputs stay, complete; the recipe merging them ran
+        assert not_ours(tmp_path / "zoo" / name) is None
+    hub.fail = None
+    code, _, report = _batch(capsys, zoo)  # up to date now: the upload is retried with distmerge push, not here
+    assert code == 0 and report["bot"]["status"] == "up to date"
+    assert len(hub.names("create_repo")) == 2  # the two failed attempts of the first run, nothing since
+
+
+def test_two_recipes_pushing_to_one_branch_are_refused(shelf, tmp_path):
+    doc = _zoo(shelf, tmp_path / "zoo")
+    doc["recipes"][1]["output"]["push_to_hub"] = "my-org/bot"
+    with pytest.raises(ConfigError, match="recipes 'bot' and 'code' both push to my-org/bot@main"):
+        load_zoo(_write(tmp_path, doc, "zoo.yaml"))
+    doc["recipes"][1]["output"]["hub_revision"] = "code"
+    assert len(load_zoo(_write(tmp_path, doc, "zoo.yaml")).recipes) == 3
