@@ -447,3 +447,11 @@ def test_two_recipes_pushing_to_one_branch_are_refused(shelf, tmp_path):
         load_zoo(_write(tmp_path, doc, "zoo.yaml"))
     doc["recipes"][1]["output"]["hub_revision"] = "code"
     assert len(load_zoo(_write(tmp_path, doc, "zoo.yaml")).recipes) == 3
+
+
+def test_readme_documents_the_keys():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in ("model_card:", "push_to_hub:", "hub_private:", "hub_revision:", "hub_create_pr:",
+                "hub_commit_message:", "## Publish to the Hub", "distmerge push"):
+        assert key in readme, key
+
