@@ -54,6 +54,7 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0
     path: str = ""
+    hub: dict = field(default_factory=dict)  # where output.push_to_hub uploaded it (publish.hub.record)
 
 
 class Identities:
@@ -155,6 +156,7 @@ class Batch:
         self._bar = None
         self._opened: dict[str, list] = {}  # inputs opened to size the pool, reused by the recipe's check
         self._shards = [0, 0, 0, 0]  # shards done, shards queued, bytes read, bytes to read: the bar's postfix
+        self._unpushed: set[str] = set()  # merged, but the upload failed: "failed", yet its output is complete
 
     # --- deciding -----------------------------------------------------------------------------------------
 
@@ -249,7 +251,8 @@ class Batch:
         """Resolve recipes in order until one has tasks queued; False when none can start now."""
         for name in list(self._waiting):
             recipe = self.zoo.get(name)
-            held = [n for n in recipe.needs if self.outcomes.get(n, Outcome(n, "")).status in (FAILED, BLOCKED)]
+            held = [n for n in recipe.needs if self.outcomes.get(n, Outcome(n, "")).status in (FAILED, BLOCKED)
+                    and n not in self._unpushed]
             if held:
                 self._waiting.remove(name)
                 self._record(Outcome(name, BLOCKED, f"needs {', '.join(held)}, which did not merge"))
@@ -308,7 +311,21 @@ class Batch:
         finally:
             job.__exit__(None, None, None)
         out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
-        self._record(Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path))
+        done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
+        if job.cfg.output.push_to_hub:  # only what merged now: an up-to-date recipe was pushed when it merged
+            self._push(done, job.cfg)
+        self._record(done)
+
+    def _push(self, outcome: Outcome, cfg) -> None:
+        """Upload a merged recipe's output; a failure fails the recipe, but its output stays for its dependents."""
+        from distmerge.publish.hub import describe, push_output
+
+        try:
+            outcome.hub = push_output(cfg.output, outcome.path)
+            outcome.reason = f"{outcome.reason}; {describe(outcome.hub)}"
+        except DistmergeError as e:
+            self._unpushed.add(outcome.recipe)
+            outcome.status, outcome.reason = FAILED, str(e)
 
     def failed(self, task: ShardTask, error: DistmergeError) -> None:
         job = self._jobs.pop(task.job, None)
@@ -325,6 +342,10 @@ class Batch:
         detail = f" ({outcome.method}, rank {outcome.rank}, {format_size(outcome.bytes)})" if outcome.method else ""
         secs = f" in {outcome.seconds:.2f}s" if outcome.seconds else ""
         why = f": {outcome.reason}" if outcome.reason and outcome.status != MERGED else ""
+        if outcome.hub:
+            from distmerge.publish.hub import describe
+
+            why = f": {describe(outcome.hub)}"
         line = f"{outcome.recipe}: {outcome.status}{detail}{secs}{why}"
         if self._bar is not None and not self._bar.disable:
             self._bar.write(line, file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 from collections import deque
 from typing import Iterable
@@ -50,7 +51,10 @@ class _OneJob:
 
 
 def merge(config: ConfigSource, overrides: Iterable[str] = ()) -> MergeResult:
-    """Merge the adapters a config names; the output directory appears only when complete."""
+    """Merge the adapters a config names; the output directory appears only when complete.
+
+    With output.push_to_hub it is then uploaded; a failed upload raises PushError, the output staying complete.
+    """
     cfg = load_config(config, overrides)
     job = Job(cfg)
     the_plan = job.prepare()
@@ -70,4 +74,8 @@ def merge(config: ConfigSource, overrides: Iterable[str] = ()) -> MergeResult:
         result = job.finish(executor.name)
     log.info("wrote %s (%s, rank %d) in %.1fs", cfg.output.path, format_size(the_plan.out_bytes), the_plan.rank,
              result.seconds)
+    if cfg.output.push_to_hub:  # the output is complete and the workers are gone; a failed upload leaves it so
+        from distmerge.publish.hub import push_output
+
+        result = dataclasses.replace(result, hub=push_output(cfg.output, result.path))
     return result

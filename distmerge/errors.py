@@ -46,6 +46,10 @@ class OutputError(DistmergeError):
     """The output cannot be written where asked, or would replace something distmerge did not write."""
 
 
+class PushError(DistmergeError):
+    """The output is complete on disk, but its upload to the Hub failed; `distmerge push` retries it alone."""
+
+
 def output_error(e: OSError, path: str, doing: str = "write") -> OutputError:
     """An OSError while writing the output, as one line that names the path and what to do."""
     import errno

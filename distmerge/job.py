@@ -40,6 +40,7 @@ class MergeResult:
     rank: int
     seconds: float
     manifest: dict
+    hub: dict | None = None  # where output.push_to_hub uploaded it (publish.hub.record), after the merge
 
 
 
@@ -66,7 +67,7 @@ def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str,
         "distmerge_version": __version__,
         "merge": dataclasses.asdict(cfg.merge),
         "output": {"dtype": cfg.output.dtype, "shard_size": cfg.output.shard_size,
-                   "consolidate": cfg.output.consolidate},
+                   "consolidate": cfg.output.consolidate, "model_card": cfg.output.model_card},
         "runtime": {"device": cfg.runtime.device, "threads": max(1, int(cfg.runtime.cpus_per_worker))},
         "adapters": [{"name": a.name, "weight": a.weight,
                       "files": {os.path.basename(f): hashes[f] for f in (*a.files, a.config_file)}}
@@ -140,7 +141,7 @@ class Job:
         return done
 
     def finish(self, executor: str) -> MergeResult:
-        """Assemble the parts into the output files, write the manifest, and rename into place."""
+        """Assemble the parts into the output files, write the model card and the manifest, rename into place."""
         assert self.plan is not None and self.staging is not None
         self.hash_inputs(None)
         cfg, plan, staging = self.cfg, self.plan, str(self.staging.path)
@@ -153,13 +154,20 @@ class Job:
                    "files": [{"file": f, "bytes": a.stamps[f].size, "mtime_ns": a.stamps[f].mtime_ns,
                               "sha256": sha[f]} for f in (*a.files, a.config_file)]}
                   for a in self.adapters]
-        names = sorted(n for n in os.listdir(staging) if n != "_parts")
+        for entry, a in zip(inputs, self.adapters):  # for the model card's table of sources
+            entry.update(rank=a.config["r"], max_rank=a.max_rank)
         t_done = time.perf_counter()
         seconds = {"plan": round(self._t_plan - self._t0, 4), "merge": round(self._t_merge - self._t_plan, 4),
                    "assemble": round(t_done - self._t_merge, 4), "total": round(t_done - self._t0, 4)}
         recipe = fingerprint(cfg, self.adapters, sha)
-        manifest = build_manifest(cfg, plan, self.tasks, results, inputs, file_entries(staging, names, hashes),
-                                  executor, seconds, recipe, fingerprint_id(recipe))
+        manifest = build_manifest(cfg, plan, self.tasks, results, inputs, [], executor, seconds, recipe,
+                                  fingerprint_id(recipe))
+        if cfg.output.model_card:  # from the manifest's content, and listed in its outputs like every file
+            from distmerge.publish.card import write_card
+
+            write_card(staging, manifest, plan.adapter_config)
+        names = sorted(n for n in os.listdir(staging) if n != "_parts")
+        manifest["outputs"] = file_entries(staging, names, hashes)
         write_json(os.path.join(staging, MANIFEST), manifest)
         self.staging.commit()
         total = time.perf_counter() - self._t0

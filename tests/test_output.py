@@ -81,7 +81,7 @@ def test_manifest(adapter_sets, tmp_path):
         f = entry["files"][0]
         assert f["sha256"] == _sha(path / "adapter_model.safetensors")
     outs = {o["file"]: o for o in m["outputs"]}
-    assert set(outs) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(outs) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}  # the card is listed too
     assert outs["adapter_model.safetensors"]["sha256"] == _sha(tmp_path / "out" / "adapter_model.safetensors")
     assert m["seconds"]["total"] > 0 and m["shards"] and all("worker" in s for s in m["shards"])
     tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))

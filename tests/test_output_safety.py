@@ -93,11 +93,16 @@ def test_overwrite_replaces_only_empty_dirs_and_distmerge_outputs(inputs, tmp_pa
     assert main(["merge", str(cfg), "adapters.0.weight=0.1"]) == 0  # its own previous output
     assert _tree(out) != first and _debris(tmp_path) == []
 
-    (out / "README.md").write_text("my model card")  # the user adds a file: the directory is theirs again
+    (out / "NOTES.md").write_text("my notes")  # the user adds a file: the directory is theirs again
     err = _refused(capsys, cfg)
-    assert "holds files distmerge did not write (README.md)" in err
+    assert "holds files distmerge did not write (NOTES.md)" in err
+    assert (out / "NOTES.md").read_text() == "my notes"
+    (out / "NOTES.md").unlink()
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text("my model card")  # the user rewrites distmerge's model card: theirs too
+    assert "has README.md changed since distmerge wrote it" in _refused(capsys, cfg)
     assert (out / "README.md").read_text() == "my model card"
-    (out / "README.md").unlink()
+    (out / "README.md").write_text(card)
 
     tensors = load_file(str(out / "adapter_model.safetensors"))  # the user edits a merged file
     next(iter(tensors.values())).mul_(2)

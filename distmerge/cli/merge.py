@@ -12,6 +12,7 @@ examples:
   distmerge merge configs/quickstart.yaml merge.method=dare_ties merge.density=0.3 merge.seed=1
   distmerge merge configs/quickstart.yaml adapters.0.weight=-0.5 output.path=./merged-neg output.dtype=float32
   distmerge merge configs/many_adapters_ray.yaml runtime.executor=ray runtime.num_workers=8
+  distmerge merge configs/quickstart.yaml output.push_to_hub=my-org/support-merged output.hub_private=true
 """
 
 
@@ -35,4 +36,8 @@ def run(args) -> int:
           f"{result.path}: {format_size(size)} in {result.seconds:.2f}s")
     for o in out:
         print(f"  {o['file']:<48} {format_size(o['bytes']):>11}  sha256 {o['sha256'][:16]}")
+    if result.hub:
+        from distmerge.publish.hub import describe
+
+        print(describe(result.hub))
     return 0

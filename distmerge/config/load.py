@@ -295,9 +295,29 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
         parse_size(o.shard_size)
     except ValueError as e:
         p.append(f"output.shard_size: {e}")
+    _check_push(o, p)
     # whether an existing path may be replaced is decided in one place, output.owner.check_target
     path = os.path.realpath(Path(o.path).expanduser())
     return dataclasses.replace(o, path=path, shard_size=str(o.shard_size))
+
+
+def _check_push(o: OutputSpec, p: list[str]) -> None:
+    """The Hub keys: checked here, offline, so that a typo fails before the merge, not after it."""
+    if o.push_to_hub is None and o.hub_revision is None and o.hub_commit_message is None:
+        return
+    from distmerge.publish.hub import repo_id_problem, revision_problem
+
+    if o.push_to_hub is not None:
+        why = repo_id_problem(o.push_to_hub)
+        if why:
+            p.append(f"output.push_to_hub: {why}; e.g. output.push_to_hub=my-org/support-bot-merged")
+    if o.hub_revision is not None:
+        why = revision_problem(o.hub_revision)
+        if why:
+            p.append(f"output.hub_revision: {why}; name a branch such as nightly, or null for main")
+    message = o.hub_commit_message
+    if message is not None and (not message.strip() or "\n" in message or "\r" in message):
+        p.append(f"output.hub_commit_message: a commit's one-line summary, or null for distmerge's; got {message!r}")
 
 
 def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:

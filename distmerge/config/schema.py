@@ -37,6 +37,12 @@ class OutputSpec:
     shard_size: Union[str, int] = "2GB"  # "2GB", "500MiB" or a number of bytes
     consolidate: bool = True
     overwrite: bool = False
+    model_card: bool = True  # README.md: what was merged and how to load it (distmerge/publish/card.py)
+    push_to_hub: Optional[str] = None  # ORG/NAME: upload the finished output in one commit
+    hub_private: bool = False  # a repo push_to_hub creates is private
+    hub_revision: Optional[str] = None  # a branch, created when missing; null: main
+    hub_create_pr: bool = False  # open a pull request instead of committing to the branch
+    hub_commit_message: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@
 Each expanded recipe is validated by the same `validate` as `distmerge merge`, so a recipe run in a
 batch and the same config run alone are one config, byte for byte. Every problem of every recipe is
 reported at once, prefixed with the recipe's name; cycles, unknown recipe names, two recipes writing
-one path and globs matching nothing are refused before anything runs. Pure: no tensors, no Ray.
+one path (or pushing to one Hub branch) and globs matching nothing are refused before anything runs.
+Pure: no tensors, no Ray.
 """
 
 from __future__ import annotations
@@ -126,7 +127,23 @@ def _expand(raw: Mapping[str, Any], source: str, p: list[str]) -> Zoo:
             recipes.append(Recipe(name, validate(cfg_raw, pending=pending), tuple(inputs[name][1])))
         except ConfigError as e:
             p.extend(f"recipe {name!r}: {problem}" for problem in e.problems)
+    _check_pushes(recipes, p)
     return Zoo(source, root, runtime, tuple(recipes))
+
+
+def _check_pushes(recipes: Sequence[Recipe], p: list[str]) -> None:
+    """No two recipes commit to one Hub branch: the later upload would replace the earlier (a grid's points)."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in recipes:
+        o = r.config.output
+        if not o.push_to_hub or o.hub_create_pr:  # each pull request is its own
+            continue
+        key = (o.push_to_hub, o.hub_revision or "main")
+        if key in seen:
+            p.append(f"recipes {seen[key]!r} and {r.name!r} both push to {key[0]}@{key[1]}; give each its own "
+                     f"output.push_to_hub or output.hub_revision (or set output.hub_create_pr)")
+        else:
+            seen[key] = r.name
 
 
 def _named_recipes(items: Sequence[Any], p: list[str]) -> dict[str, dict]:
