@@ -271,8 +271,12 @@ class Batch:
         try:
             why, adapters = self.check(recipe)
             if not why:
-                self._record(Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path,
-                                     seconds=time.perf_counter() - t0))
+                up = Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path)
+                if recipe.config.output.push_to_hub and not self._pushed(recipe, up.path):
+                    up.reason = "not yet pushed where output.push_to_hub says"  # an earlier push failed, or is new
+                    self._push(up, recipe.config)
+                up.seconds = time.perf_counter() - t0
+                self._record(up)
                 return False
             log.info("%s: merging (%s)", recipe.name, why)
             job = Job(recipe.config, recipe.name, hasher=self.identities.sha)
@@ -312,13 +316,19 @@ class Batch:
             job.__exit__(None, None, None)
         out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
         done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
-        if job.cfg.output.push_to_hub:  # only what merged now: an up-to-date recipe was pushed when it merged
+        if job.cfg.output.push_to_hub:
             self._push(done, job.cfg)
         self._record(done)
 
+    @staticmethod
+    def _pushed(recipe: Recipe, path: str) -> bool:
+        from distmerge.publish.hub import already_pushed  # huggingface_hub only where a recipe pushes
+
+        return already_pushed(recipe.config.output, path)
+
     def _push(self, outcome: Outcome, cfg) -> None:
         """Upload a merged recipe's output; a failure fails the recipe, but its output stays for its dependents."""
-        from distmerge.publish.hub import describe, push_output
+        from distmerge.publish.hub import describe, push_output  # huggingface_hub only where a recipe pushes
 
         try:
             outcome.hub = push_output(cfg.output, outcome.path)
@@ -327,13 +337,16 @@ class Batch:
             self._unpushed.add(outcome.recipe)
             outcome.status, outcome.reason = FAILED, str(e)
 
-    def failed(self, task: ShardTask, error: DistmergeError) -> None:
+    def failed(self, task: ShardTask, error: Exception) -> None:
         job = self._jobs.pop(task.job, None)
         if job is None:
             return
         job.__exit__(type(error), error, None)
         self._queue = deque(t for t in self._queue if t.job != task.job)
-        self._record(Outcome(task.job, FAILED, str(error)))
+        why = str(error) if isinstance(error, DistmergeError) else (
+            f"{type(error).__name__} in shard {task.index}: {' '.join(str(error).split())[:300]} (not the inputs' "
+            f"fault: a worker ran out of a resource, or a bug of distmerge's to report)")
+        self._record(Outcome(task.job, FAILED, why))
 
     def _record(self, outcome: Outcome) -> None:
         self.outcomes[outcome.recipe] = outcome

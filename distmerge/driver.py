@@ -9,7 +9,6 @@ from collections import deque
 from typing import Iterable
 
 from distmerge.config import ConfigSource, format_size, load_config
-from distmerge.errors import DistmergeError
 from distmerge.executors import make_executor
 from distmerge.job import Job, MergeResult
 from distmerge.plan import Plan, ShardTask, build_plan
@@ -46,7 +45,7 @@ class _OneJob:
         self.job.add(task, result)
         self.progress.update(task, result)
 
-    def failed(self, task: ShardTask, error: DistmergeError) -> None:
+    def failed(self, task: ShardTask, error: Exception) -> None:
         raise error
 
 

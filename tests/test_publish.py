@@ -435,9 +435,13 @@ def test_a_failed_push_fails_its_recipe_alone(shelf, tmp_path, capsys, hub):
     for name in ("bot", "code", "mix"):  # the outputs stay, complete; the recipe merging them ran
         assert not_ours(tmp_path / "zoo" / name) is None
     hub.fail = None
-    code, _, report = _batch(capsys, zoo)  # up to date now: the upload is retried with distmerge push, not here
-    assert code == 0 and report["bot"]["status"] == "up to date"
-    assert len(hub.names("create_repo")) == 2  # the two failed attempts of the first run, nothing since
+    code, _, report = _batch(capsys, zoo)  # up to date, but not pushed: this run pushes them, and merges nothing
+    assert code == 0 and {n: r["status"] for n, r in report.items()} == {
+        "bot": "up to date", "code": "up to date", "mix": "up to date"}
+    assert "pushed to my-org/bot@main" in report["bot"]["reason"]
+    assert sorted(u["repo_id"] for u in hub.names("upload_folder")) == ["my-org/bot", "my-org/code"]
+    code, _, report = _batch(capsys, zoo)  # now recorded as pushed: nothing more
+    assert code == 0 and len(hub.names("upload_folder")) == 2
 
 
 def test_two_recipes_pushing_to_one_branch_are_refused(shelf, tmp_path):

@@ -35,7 +35,7 @@ def run(args) -> int:
     from distmerge.errors import DistmergeError, OutputError
     from distmerge.output.manifest import MANIFEST
     from distmerge.output.owner import not_ours
-    from distmerge.publish.hub import describe, push, record, repo_id_problem, revision_problem
+    from distmerge.publish.hub import describe, push, record, repo_id_problem, revision_problem, write_pushed
 
     problems = [f"ORG/NAME: {why}" for why in [repo_id_problem(args.repo)] if why]
     problems += [f"--revision: {why}" for why in [args.revision is not None and revision_problem(args.revision)]
@@ -53,5 +53,7 @@ def run(args) -> int:
                           f"files its {MANIFEST} lists")
     info = push(path, args.repo, private=args.private, revision=args.revision, create_pr=args.create_pr,
                 commit_message=args.message)
-    print(describe(record(args.repo, args.revision, info)))
+    done = record(args.repo, args.revision, info)
+    write_pushed(path, done)  # a batch then knows this output is pushed and does not push it again
+    print(describe(done))
     return 0

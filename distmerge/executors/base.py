@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from distmerge.errors import DistmergeError
 from distmerge.plan import ShardTask
 from distmerge.shard import ShardResult
 
@@ -25,8 +24,9 @@ class Feed(Protocol):
     def done(self, task: ShardTask, result: ShardResult) -> None:
         """A task's result."""
 
-    def failed(self, task: ShardTask, error: DistmergeError) -> None:
-        """A task failed for a data reason: raise to stop the pool, or record it and go on."""
+    def failed(self, task: ShardTask, error: Exception) -> None:
+        """A task failed: a DistmergeError for a data reason, anything else a bug or a resource failure
+        (out of memory). Raise to stop the pool, or record it and go on."""
 
 
 class Executor(Protocol):

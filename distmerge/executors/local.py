@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from distmerge.errors import DistmergeError
 from distmerge.executors.base import Feed, stalled
 from distmerge.shard import WorkerMemory, merge_shard
 
@@ -30,7 +29,7 @@ class LocalExecutor:
                 raise stalled(feed)
             try:
                 result = merge_shard(task, self._memory)
-            except DistmergeError as e:
+            except Exception as e:  # a data error, or a bug or resource failure in this shard: the feed decides
                 feed.failed(task, e)
                 continue
             feed.done(task, result)

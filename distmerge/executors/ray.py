@@ -23,7 +23,7 @@ from collections import deque
 from typing import Sequence
 
 from distmerge.config.schema import RuntimeSpec
-from distmerge.errors import DistmergeError, ExecutorError
+from distmerge.errors import ExecutorError
 from distmerge.executors.base import Feed, stalled
 from distmerge.plan import ShardTask
 from distmerge.shard import ShardResult, WorkerMemory, merge_shard
@@ -445,13 +445,14 @@ class RayExecutor:
             key = (task.job, task.index)
             attempts[key] = attempts.get(key, 0) + 1
             name = f"shard {task.index}" + (f" of {task.job!r}" if task.job else "")
-            if attempts[key] > self.runtime.max_retries:
-                raise ExecutorError(f"{name} failed {attempts[key]} times ({why}); "
-                                    f"giving up after runtime.max_retries={self.runtime.max_retries}")
-            log.warning("%s: %s; replacing the worker and running the shard again", name, why)
             ray.kill(self._workers[slot], no_restart=True)
             self._workers[slot] = self._actor.remote()
             starting[self._workers[slot].ping.remote()] = (slot, time.monotonic())
+            if attempts[key] > self.runtime.max_retries:  # that shard's job fails; a batch's others go on
+                feed.failed(task, ExecutorError(f"{name} failed {attempts[key]} times ({why}); giving up after "
+                                                f"runtime.max_retries={self.runtime.max_retries}"))
+                return
+            log.warning("%s: %s; replacing the worker and running the shard again", name, why)
             retry.appendleft(task)
 
         def give_up(slot: int, why: str) -> None:
@@ -494,10 +495,10 @@ class RayExecutor:
                     result = ray.get(ref)
                 except RayTaskError as e:
                     cause = getattr(e, "cause", None)
-                    if not isinstance(cause, DistmergeError):
-                        raise
                     idle.append(slot)
-                    feed.failed(task, cause)  # raises for a single merge; a batch fails that recipe only
+                    # a data error, or a bug or resource failure (CUDA OOM) in this shard: a single merge raises
+                    # it, a batch fails that recipe only
+                    feed.failed(task, cause if isinstance(cause, Exception) else e)
                 except (RayActorError, GetTimeoutError) as e:
                     replace(slot, task, f"worker died ({type(e).__name__})")
                 else:
@@ -507,7 +508,7 @@ class RayExecutor:
             timeout = self.runtime.task_timeout_s
             if timeout:
                 for ref, (task, slot, started) in list(inflight.items()):
-                    if now - started > timeout:
+                    if now - started > timeout and not _wait([ref], 1, 0)[0]:  # done but not yet collected: kept
                         inflight.pop(ref)
                         replace(slot, task, f"no result after runtime.task_timeout_s={timeout:g}s")
             restart_s = max(RESTART_S, self.runtime.gpu_wait_s)

@@ -89,7 +89,45 @@ def push_output(output, directory: str, api: HfApi | None = None) -> dict:
     """Push as a config's `output` section says; what a user needs to find the upload again."""
     info = push(directory, output.push_to_hub, private=output.hub_private, revision=output.hub_revision,
                 create_pr=output.hub_create_pr, commit_message=output.hub_commit_message, api=api)
-    return record(output.push_to_hub, output.hub_revision, info)
+    done = record(output.push_to_hub, output.hub_revision, info)
+    write_pushed(directory, done)
+    return done
+
+
+def pushed_path(directory: str) -> str:
+    """Where the last successful push of an output is recorded: beside it, not in it (the output directory
+    holds exactly what its manifest lists), so a batch knows what is still to push after a failure."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    return os.path.join(parent, f".{name}.distmerge-pushed.json")
+
+
+def _fingerprint(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as f:
+            return json.loads(f.read(16 * 2**20)).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_pushed(directory: str, done: dict) -> None:
+    path = pushed_path(directory)
+    try:
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+            json.dump({**done, "fingerprint": _fingerprint(directory)}, f)
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+    except OSError as e:  # the upload itself succeeded: a later batch pushes again, which is harmless
+        log.warning("pushed, but cannot record it in %s (%s); a later batch will push again", path, e.strerror)
+
+
+def already_pushed(output, directory: str) -> bool:
+    """True when this output, as it is now, was pushed where `output` says: the batch need not push it."""
+    try:
+        with open(pushed_path(directory)) as f:
+            last = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(last, dict) and last.get("fingerprint") == _fingerprint(directory) is not None
+            and last.get("repo") == output.push_to_hub and last.get("revision") == (output.hub_revision or "main"))
 
 
 def record(repo_id: str, revision: str | None, info: Any) -> dict:
