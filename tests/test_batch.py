@@ -124,7 +124,7 @@ def test_a_bad_recipe_fails_alone_and_blocks_its_dependents(shelf, tmp_path, cap
     assert {n for n, r in report.items() if r["status"] == "merged"} == {"support-bot"} | {
         n for n in report if n.startswith("sweep/")}
     assert not (tmp_path / "zoo" / "all-code").exists() and not (tmp_path / "zoo" / "mix").exists()
-    assert not [p for p in (tmp_path / "zoo").rglob("*") if ".distmerge-" in p.name]
+    assert not [p for p in (tmp_path / "zoo").rglob("*") if ".distmerge-" in p.name and not p.name.endswith(".lock")]
 
 
 def test_a_second_batch_on_the_same_root_refuses(shelf, tmp_path, capsys):
@@ -136,7 +136,27 @@ def test_a_second_batch_on_the_same_root_refuses(shelf, tmp_path, capsys):
         assert main(["batch", str(zoo_path)]) == 2
         err = capsys.readouterr().err
         assert f"another distmerge batch (pid {os.getpid()}" in err and "Traceback" not in err
-    assert not (tmp_path / "zoo" / ".distmerge-batch.lock").exists()
+    assert main(["batch", str(zoo_path)]) == 0  # released on exit
+
+
+def test_a_killed_batchs_lock_never_blocks_the_next(shelf, tmp_path, capsys):
+    """The lock is the kernel's: a holder killed with SIGKILL releases it, even one whose host is not this
+    one (its lock file says 'another-host', as a nightly RayJob's driver on a fresh node would)."""
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    (tmp_path / "zoo").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from distmerge.output.owner import BatchLock\n"
+        f"lock = BatchLock({str(tmp_path / 'zoo')!r}, 'z').__enter__()\n"
+        "import os; os.pwrite(lock._fd, b'{\"host\": \"another-host\", \"pid\": 1, \"zoo\": \"z\"}      ', 0)\n"
+        "print('held', flush=True); time.sleep(600)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["batch", str(zoo_path)]) == 2
+        assert "another distmerge batch (pid 1 on another-host" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert main(["batch", str(zoo_path)]) == 0
 
 
 @pytest.mark.slow
@@ -169,7 +189,7 @@ def test_killed_batch_is_resumed_by_running_it_again(tmp_path):
     report = {r["recipe"]: r["status"] for r in
               json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["recipes"]}
     assert {n for n, s in report.items() if s == "up to date"} == set(done)
-    assert not [p for p in (tmp_path / "zoo").iterdir() if ".distmerge-" in p.name]
+    assert not [p for p in (tmp_path / "zoo").iterdir() if ".distmerge-" in p.name and not p.name.endswith(".lock")]
     for k in range(4):
         alone = tmp_path / "alone" / f"r{k}"
         distmerge.merge(load_zoo(zoo_path).get(f"r{k}").config, [f"output.path={alone}"])

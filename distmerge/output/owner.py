@@ -226,8 +226,11 @@ def remove_created(created: Sequence[Path]) -> None:
 class BatchLock:
     """One batch per output root at a time: a second run (a double cron trigger) refuses, naming the first.
 
-    The lock file names its owner like the staging directories do, so a lock left by a killed batch
-    is taken over by the next run rather than blocking every night after.
+    The lock is an OS lock (flock) on a file in the output root, held for the whole run: the kernel,
+    or the NFS server, releases it when the process dies, on whatever host it ran. So a killed batch
+    never blocks the next night's (whose driver may run on another node), and two runs can never
+    both take over a stale lock. The file's text names the holder, for the refusal; it is left in
+    place, since removing a lock file races with the next run opening it.
     """
 
     NAME = ".distmerge-batch.lock"
@@ -236,49 +239,40 @@ class BatchLock:
         self.directory = Path(directory)
         self.path = self.directory / self.NAME
         self.zoo = zoo
-        self._held = False
-
-    def _owner(self) -> tuple[Owner | None, dict]:
-        try:
-            with open(self.path) as f:
-                doc = json.load(f)
-            return Owner(doc["host"], doc["boot"], int(doc["pid"]), int(doc["start"])), doc
-        except FileNotFoundError:
-            return None, {}
-        except (OSError, ValueError, KeyError, TypeError):
-            return Owner("unknown", "", -1, 0), {}  # not ours to judge: treated as alive
+        self._fd: int | None = None
 
     def __enter__(self) -> "BatchLock":
+        import fcntl
+
         try:
             make_dirs(self.directory)
-            for _ in range(3):
-                try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    owner, doc = self._owner()
-                    if owner is not None and owner.alive():
-                        raise OutputError(
-                            f"another distmerge batch (pid {owner.pid} on {owner.host}, zoo {doc.get('zoo', '?')}) "
-                            f"is running on {self.directory}; wait for it to finish. If it is gone, remove "
-                            f"{self.path}") from None
-                    if owner is not None:
-                        log.warning("taking over %s: the batch that held it (pid %d) is gone", self.path, owner.pid)
-                        os.remove(self.path)
-                    continue
-                me = Owner.me()
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"host": me.host, "boot": me.boot, "pid": me.pid, "start": me.start,
-                               "zoo": os.path.abspath(self.zoo)}, f)
-                self._held = True
-                return self
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutputError(f"cannot create the batch lock {self.path}: {e.strerror or e}; output_root must be a "
                               f"writable directory") from None
-        raise OutputError(f"cannot take the batch lock {self.path}; another batch keeps taking it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise OutputError(f"another distmerge batch ({holder}) is running on {self.directory}; wait for it to "
+                              f"finish (its lock is released when its process ends, however it ends)") from None
+        me = Owner.me()
+        text = json.dumps({"host": me.host, "pid": me.pid, "zoo": os.path.abspath(self.zoo)}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            doc = json.loads(os.pread(fd, 65536, 0) or b"{}")
+            return f"pid {doc['pid']} on {doc['host']}, zoo {doc.get('zoo', '?')}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its holder is not recorded"
 
     def __exit__(self, *exc) -> None:
-        if self._held:
-            owner, _ = self._owner()
-            if owner is not None and owner.pid == os.getpid():
-                os.remove(self.path)
-            self._held = False
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
