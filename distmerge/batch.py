@@ -114,7 +114,7 @@ def staleness(recipe: dict, previous: dict | None) -> str:
     if fingerprint_id(recipe) == previous.get("fingerprint") and old == recipe:
         return ""
     changed = []
-    for key in ("distmerge_version", "merge", "output", "runtime"):
+    for key in ("distmerge_version", "torch_version", "merge", "output", "runtime"):
         if old.get(key) != recipe[key]:
             if isinstance(recipe[key], dict) and isinstance(old.get(key), dict):
                 changed += [f"{key}.{k} {old[key].get(k)!r} → {v!r}" for k, v in recipe[key].items()
@@ -131,6 +131,9 @@ def staleness(recipe: dict, previous: dict | None) -> str:
             continue
         if b.get("weight") != a["weight"]:
             changed.append(f"{name}.weight {b.get('weight')} → {a['weight']}")
+        if (b.get("from"), b.get("hub")) != (a["from"], a.get("hub")):
+            now_at = a.get("hub", {}).get("commit", "")[:12] or a["from"]
+            changed.append(f"input {name!r} now comes from {now_at}")
         files = [f for f, sha in a["files"].items() if (b.get("files") or {}).get(f) != sha]
         if files:
             changed.append(f"input {name!r}: {', '.join(files)} changed")

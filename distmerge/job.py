@@ -58,18 +58,24 @@ def file_sha256(adapter: Adapter, file: str, stamp, hasher: Hasher) -> str:
 def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str, str]) -> dict:
     """Everything that changes the output's bytes, as plain data; its sha256 is the recipe's identity.
 
-    Inputs count by content (sha256), not by path; the executor, worker count and output path do not
-    count, since the bytes do not depend on them. The torch thread count and device do (BLAS rounding).
+    Inputs count by content (sha256), and by where they were taken from (the path as written, a Hub
+    input's repo and commit), which the model card shows. The executor, worker count and output path
+    do not count, since the bytes do not depend on them; the device and the torch threads
+    (cpus_per_worker) do (BLAS rounding), and so do the torch version and distmerge's.
     """
+    import torch
+
     from distmerge import __version__
 
     return {
         "distmerge_version": __version__,
+        "torch_version": torch.__version__,
         "merge": dataclasses.asdict(cfg.merge),
         "output": {"dtype": cfg.output.dtype, "shard_size": cfg.output.shard_size,
                    "consolidate": cfg.output.consolidate, "model_card": cfg.output.model_card},
-        "runtime": {"device": cfg.runtime.device, "threads": max(1, int(cfg.runtime.cpus_per_worker))},
-        "adapters": [{"name": a.name, "weight": a.weight,
+        "runtime": {"device": cfg.runtime.device, "cpus_per_worker": cfg.runtime.cpus_per_worker},
+        "adapters": [{"name": a.name, "weight": a.weight, "from": a.source.get("uri", a.path),
+                      **({"hub": a.source["hub"]} if "hub" in a.source else {}),
                       "files": {os.path.basename(f): hashes[f] for f in (*a.files, a.config_file)}}
                      for a in adapters],
     }

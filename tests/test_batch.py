@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,24 @@ def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, 
     assert "input 'chat': adapter_model.safetensors changed" in report["support-bot"]["reason"]
     after = {r.name: _weights(Path(r.config.output.path)) for r in load_zoo(zoo_path).recipes}
     assert {n for n in after if after[n] != before[n]} == {"support-bot", "mix"}
+
+    # the same adapter, moved: its recipes' cards and manifests would name the old path, so they run again
+    shutil.move(str(shelf / "sql"), str(shelf / "sql-moved"))
+    doc = zoo_doc(shelf, tmp_path / "zoo")
+    for r in doc["recipes"]:
+        for a in r["adapters"] if isinstance(r["adapters"], list) else []:
+            if a.get("path") == str(shelf / "sql"):
+                a.update(path=str(shelf / "sql-moved"), name="sql")
+    _write(tmp_path, doc)
+    code, out, report = _batch(capsys, zoo_path)
+    assert code == 0, out
+    # (mix merges support-bot's weights, which are the same bytes: it stays up to date)
+    assert {n for n, r in report.items() if r["status"] == "merged"} == {"support-bot"} | {
+        n for n in report if n.startswith("sweep/")}, out
+    assert "now comes from" in report["support-bot"]["reason"]
+    shutil.move(str(shelf / "sql-moved"), str(shelf / "sql"))
+    _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert _batch(capsys, zoo_path)[0] == 0
 
     # a changed recipe key re-merges the recipes it applies to, and says which key
     code, out, report = _batch(capsys, zoo_path, "--only", "all-code", "defaults.merge.seed=4")

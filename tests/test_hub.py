@@ -217,6 +217,10 @@ def test_batch_identity_is_the_commit(hub, tmp_path, capsys):
 
     assert run()[0] == {"uses-main": "merged", "uses-tag": "merged", "local-only": "merged"}
     assert run() == ({"uses-main": "up to date", "uses-tag": "up to date", "local-only": "up to date"}, 0)
+    # main moves to a new commit with the same adapter files (a README edit): its recipes are stale, since
+    # their manifest and card name the commit; the tag's are not
+    publish(cache, "org/sql", adapter_files(paths[0]), refs=("main",), salt="a README edit")
+    assert run()[0] == {"uses-main": "merged", "uses-tag": "up to date", "local-only": "up to date"}
     # main moves to a new commit whose adapter is retrained; the tag stays
     retrained = tmp_path / "retrained"
     retrained.mkdir()
