@@ -33,7 +33,7 @@ from distmerge.errors import DistmergeError, OutputError
 from distmerge.executors import make_executor, resolve_executor_name
 from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
-from distmerge.output.manifest import MANIFEST
+from distmerge.output.manifest import read_manifest
 from distmerge.output.owner import BatchLock
 from distmerge.plan import ShardTask, build_plan
 from distmerge.shard import ShardResult
@@ -88,20 +88,23 @@ class Identities:
 
 
 def previous_output(path: str) -> dict | None:
-    """The manifest of a complete earlier output at `path` (every listed file there, at its size), else None.
+    """The manifest of a complete earlier output at `path` (every listed file there, at its size and mtime),
+    else None.
 
-    Sizes, not hashes: an up-to-date check must not read gigabytes. Before an output is replaced,
-    owner.not_ours checks the hashes too.
+    Sizes and mtimes, not hashes: an up-to-date check must not read gigabytes. An output edited in place
+    is then not up to date, and owner.not_ours, checking the hashes before it is replaced, refuses it.
     """
-    try:
-        with open(os.path.join(path, MANIFEST), "rb") as f:
-            manifest = json.loads(f.read(16 * 2**20))
-        for o in manifest["outputs"]:
-            if os.path.getsize(os.path.join(path, o["file"])) != o["bytes"]:
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError):
+    manifest = read_manifest(path)
+    if manifest is None:
         return None
+    for o in manifest["outputs"]:
+        try:
+            st = os.stat(os.path.join(path, o["file"]))
+        except OSError:
+            return None
+        if st.st_size != o["bytes"] or o.get("mtime_ns", st.st_mtime_ns) != st.st_mtime_ns:
+            return None
+    return manifest
 
 
 def staleness(recipe: dict, previous: dict | None) -> str:

@@ -213,3 +213,20 @@ def test_killed_batch_is_resumed_by_running_it_again(tmp_path):
         alone = tmp_path / "alone" / f"r{k}"
         distmerge.merge(load_zoo(zoo_path).get(f"r{k}").config, [f"output.path={alone}"])
         assert _weights(alone) == _weights(tmp_path / "zoo" / f"r{k}")
+
+
+def test_an_output_edited_in_place_is_not_up_to_date_and_not_replaced(shelf, tmp_path, capsys):
+    """Same size, new bytes: the size-and-mtime check sees it without reading, and the hash check before any
+    replacement refuses to overwrite what the user changed."""
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert _batch(capsys, zoo_path)[0] == 0
+    weights = tmp_path / "zoo" / "support-bot" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    edited = weights.read_bytes()
+    code, out, report = _batch(capsys, zoo_path)
+    assert code == 2 and report["support-bot"]["status"] == "failed", out
+    assert "changed since distmerge wrote it" in report["support-bot"]["reason"]
+    assert weights.read_bytes() == edited
+    assert report["all-code"]["status"] == "up to date"

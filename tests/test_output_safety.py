@@ -208,8 +208,12 @@ def test_debris_of_dead_processes_is_removed_and_only_that(inputs, tmp_path, cap
     dead.wait()
     me = Owner.me()
     gone = Owner(me.host, me.boot, dead.pid, 12345)
-    for kind in ("stage", "old"):
-        (debris_name(out, kind, gone) / "_parts").mkdir(parents=True)
+    (debris_name(out, "stage", gone) / "_parts").mkdir(parents=True)
+    (tmp_path / "kept").mkdir()
+    (debris_name(tmp_path / "kept", "old", gone) / "x").mkdir(parents=True)  # replaced, then the merge died
+    set_aside = debris_name(tmp_path / "prev", "old", gone)  # set aside, the new one never renamed in
+    set_aside.mkdir()
+    (set_aside / "adapter_model.safetensors").write_bytes(b"the previous output")
     live = debris_name(out, "stage", me)  # a merge still running in this process
     other_host = debris_name(out, "stage", Owner("elsewhere", me.boot, dead.pid, 1))
     legacy = tmp_path / ".out.distmerge-0123abcd"
@@ -218,6 +222,8 @@ def test_debris_of_dead_processes_is_removed_and_only_that(inputs, tmp_path, cap
     distmerge.merge(_cfg(inputs, out))
     assert sorted(_debris(tmp_path)) == sorted([live.name, other_host.name, legacy.name])
     assert "removed 2 directories" in caplog.text and f"pid {dead.pid}" in caplog.text
+    assert (tmp_path / "prev" / "adapter_model.safetensors").read_bytes() == b"the previous output"
+    assert f"restored {tmp_path / 'prev'}" in caplog.text
     assert "older distmerge" in caplog.text and legacy.name in caplog.text
 
 

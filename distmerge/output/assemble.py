@@ -61,5 +61,7 @@ def file_entries(directory: str, names: Sequence[str], known: dict[str, str] | N
     out = []
     for n in names:
         p = os.path.join(directory, n)
-        out.append({"file": n, "bytes": os.path.getsize(p), "sha256": known.get(n) or sha256_file(p)})
+        st = os.stat(p)  # mtime too: a batch's up-to-date check notices an output edited in place, unread
+        out.append({"file": n, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": known.get(n) or sha256_file(p)})
     return out

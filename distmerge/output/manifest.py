@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 from typing import Sequence
 
@@ -16,6 +17,26 @@ from distmerge.plan import Plan, ShardTask
 from distmerge.shard import ShardResult
 
 MANIFEST = "distmerge.json"
+MAX_MANIFEST = 64 * 2**20
+
+
+def read_manifest(directory) -> dict | None:
+    """The manifest of a distmerge output, with its `outputs` checked to be plain file names with a size
+    and a sha256; None when there is none or it is not one distmerge wrote. The one reader: a crafted
+    entry such as "../x" must never make distmerge stat, hash, upload or delete a file outside."""
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST))
+        if not isinstance(manifest.get("distmerge_version"), str):
+            return None
+        for o in manifest["outputs"]:
+            name = o["file"]
+            if (not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name
+                    or "\0" in name or not isinstance(o["bytes"], int) or not isinstance(o["sha256"], str)):
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], results: Sequence[ShardResult],

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from distmerge.errors import OutputError
-from distmerge.output.manifest import MANIFEST
+from distmerge.output.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("distmerge")
 KINDS = ("stage", "old")  # a merge's staging directory; a previous output set aside while it is replaced
@@ -117,6 +117,14 @@ def sweep_debris(directory: Path) -> list[str]:
         owner = Owner(m["host"], m["boot"], int(m["pid"]), int(m["start"]))
         if owner.alive():
             continue
+        if m["kind"] == "old" and not os.path.lexists(directory / m["target"]):
+            try:  # killed between setting the previous output aside and renaming the new one in: put it back
+                os.rename(directory / name, directory / m["target"])
+                log.warning("restored %s, set aside by a merge that was killed (pid %d)", directory / m["target"],
+                            owner.pid)
+                continue
+            except OSError:
+                pass
         shutil.rmtree(directory / name, ignore_errors=True)
         if not (directory / name).exists():
             removed.append(f"{name} (pid {owner.pid})")
@@ -175,15 +183,11 @@ def not_ours(path: Path) -> str | None:
         return f"cannot be listed ({e.strerror or e})"
     if not present:
         return None
-    try:
-        with open(path / MANIFEST, "rb") as f:
-            manifest = json.loads(f.read(16 * 2**20))
-        listed = {o["file"]: o for o in manifest["outputs"]}
-        assert isinstance(manifest["distmerge_version"], str)
-    except FileNotFoundError:
-        return f"is not a distmerge output (no {MANIFEST})"
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return f"has a {MANIFEST} that distmerge did not write"
+    manifest = read_manifest(path)
+    if manifest is None:
+        return (f"is not a distmerge output (no {MANIFEST})" if not os.path.lexists(path / MANIFEST)
+                else f"has a {MANIFEST} that distmerge did not write")
+    listed = {o["file"]: o for o in manifest["outputs"]}
     extra = sorted(set(present) - set(listed) - {MANIFEST})
     if extra:
         return f"holds files distmerge did not write ({', '.join(extra[:5])}{', …' if len(extra) > 5 else ''})"

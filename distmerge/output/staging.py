@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from distmerge.errors import OutputError, output_error
@@ -40,20 +42,28 @@ class Staging:
         return self
 
     def commit(self) -> None:
-        """Rename the staged output onto the target; a previous distmerge output there is set aside, then removed."""
+        """Rename the staged output onto the target; a previous distmerge output there is set aside, then removed.
+
+        The previous output is checked after it is set aside, so a file added to it at the last moment is
+        never removed with it: it goes back, and the merge is refused. Ctrl-C and SIGTERM wait while the
+        two renames run, so the target is never left missing by an interrupt.
+        """
         shutil.rmtree(self.parts, ignore_errors=True)
         old = None
+        blocked = _block_signals()
         try:
             if os.path.lexists(self.target):
                 if not self.overwrite:
                     raise OutputError(f"{self.target} was created by another process during this merge; nothing "
                                       f"was overwritten: choose another output.path or set output.overwrite=true")
-                why = not_ours(self.target)  # again: it may have changed since the merge began
-                if why:
-                    raise OutputError(f"{self.target} {why} (it changed during this merge); nothing was "
-                                      f"overwritten: move it away or choose another output.path")
                 old = debris_name(self.target, "old")
                 os.rename(self.target, old)
+                why = not_ours(old)  # again, where nobody else can add to it: it may have changed during the merge
+                if why:
+                    os.rename(old, self.target)
+                    raise OutputError(f"{self.target} {why.replace(str(old), str(self.target))} (it changed during "
+                                      f"this merge); nothing was overwritten: move it away or choose another "
+                                      f"output.path")
             try:
                 os.rename(self.path, self.target)
             except OSError:
@@ -65,6 +75,8 @@ class Staging:
                 raise OutputError(f"another process wrote {self.target} during this merge; nothing was "
                                   f"overwritten: run one merge per output.path at a time") from None
             raise output_error(e, str(self.target), "move the finished output to") from None
+        finally:
+            _unblock_signals(blocked)
         self._committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # what is left, if anything, a later run removes
@@ -73,3 +85,15 @@ class Staging:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
             remove_created(self._created)
+
+
+def _block_signals() -> set | None:
+    """Hold SIGINT and SIGTERM (delivered on unblocking) in the main thread; elsewhere Python gets none."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock_signals(previous: set | None) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

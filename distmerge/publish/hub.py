@@ -19,7 +19,7 @@ from typing import Any
 from huggingface_hub import HfApi  # module attribute: the tests replace it with a recording stand-in
 
 from distmerge.errors import OutputError, PushError
-from distmerge.output.manifest import MANIFEST
+from distmerge.output.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("distmerge")
 # distmerge's own weight files: a re-push deletes those a previous push left (shards of a sharded output)
@@ -51,12 +51,10 @@ def revision_problem(revision: Any) -> str | None:
 
 def output_files(directory: str) -> list[str]:
     """The files of a distmerge output: those its manifest lists, and the manifest."""
-    try:
-        with open(os.path.join(directory, MANIFEST), "rb") as f:
-            return sorted({o["file"] for o in json.loads(f.read(16 * 2**20))["outputs"]} | {MANIFEST})
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OutputError(f"{directory} has no readable {MANIFEST}; only a complete distmerge output is "
-                          f"uploaded") from None
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise OutputError(f"{directory} has no readable {MANIFEST}; only a complete distmerge output is uploaded")
+    return sorted({o["file"] for o in manifest["outputs"]} | {MANIFEST})
 
 
 def push(directory: str, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -102,11 +100,7 @@ def pushed_path(directory: str) -> str:
 
 
 def _fingerprint(directory: str) -> str | None:
-    try:
-        with open(os.path.join(directory, MANIFEST), "rb") as f:
-            return json.loads(f.read(16 * 2**20)).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_manifest(directory) or {}).get("fingerprint")
 
 
 def write_pushed(directory: str, done: dict) -> None:
@@ -184,8 +178,7 @@ def _failed(directory: str, repo_id: str, revision: str | None, private: bool, c
 
 def _summary(directory: str) -> str:
     try:
-        with open(os.path.join(directory, MANIFEST), "rb") as f:
-            m = json.loads(f.read(16 * 2**20))
+        m = read_manifest(directory)
         return f"{m['method']['used']}, rank {m['method']['rank']}, {len(m['inputs'])} adapters"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "see distmerge.json"
