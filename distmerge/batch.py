@@ -58,32 +58,40 @@ class Outcome:
 
 
 class Identities:
-    """sha256 of input files, re-read only when a file's size or mtime differs from an earlier record."""
+    """sha256 of input files, re-read only when a file's size, mtime or ctime differs from an earlier record.
+
+    ctime, which no tool can set, catches a file replaced with its old size and mtime preserved
+    (`cp -p`, `rsync -a` of a retrained adapter); a record without one (an older manifest) is not trusted.
+    """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, int, int], str] = {}
+        self._known: dict[tuple[str, int, int, int], str] = {}
         self.hashed: list[str] = []  # the files this run actually read, for the report and the tests
 
     def learn(self, manifest: dict) -> None:
         for entry in manifest.get("inputs") or []:
             for f in entry.get("files") or []:
-                if {"file", "bytes", "mtime_ns", "sha256"} <= set(f):
-                    self._known[(f["file"], f["bytes"], f["mtime_ns"])] = f["sha256"]
+                if isinstance(f, dict) and {"file", "bytes", "mtime_ns", "ctime_ns", "sha256"} <= set(f):
+                    self._known[(f["file"], f["bytes"], f["mtime_ns"], f["ctime_ns"])] = f["sha256"]
 
     def learn_output(self, directory: str, manifest: dict) -> None:
         """An upstream recipe's files are known by its manifest's sha256s (checked complete by the caller)."""
-        for o in manifest.get("outputs") or []:
+        for o in manifest["outputs"]:
             path = os.path.join(directory, o["file"])
-            st = os.stat(path)
-            self._known[(path, st.st_size, st.st_mtime_ns)] = o["sha256"]
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone since the check: hashed when read, if it is read
+            self._known[(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)] = o["sha256"]
 
     def sha(self, path: str, stamp: Stamp | None, owner: str) -> str:
-        if stamp is not None and (path, stamp.size, stamp.mtime_ns) in self._known:
-            return self._known[(path, stamp.size, stamp.mtime_ns)]
+        key = (path, stamp.size, stamp.mtime_ns, stamp.ctime_ns) if stamp is not None else None
+        if key in self._known:
+            return self._known[key]
         digest = sha256_pinned(path, stamp, owner)
         self.hashed.append(path)
-        if stamp is not None:
-            self._known[(path, stamp.size, stamp.mtime_ns)] = digest
+        if key is not None:
+            self._known[key] = digest
         return digest
 
 

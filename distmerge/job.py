@@ -158,6 +158,7 @@ class Job:
         sha = {f: fut.result() for f, fut in self._hashes.items()}
         inputs = [{"name": a.name, "path": a.path, "weight": a.weight, **a.source,
                    "files": [{"file": f, "bytes": a.stamps[f].size, "mtime_ns": a.stamps[f].mtime_ns,
+                              "ctime_ns": a.stamps[f].ctime_ns,
                               "sha256": sha[f]} for f in (*a.files, a.config_file)]}
                   for a in self.adapters]
         for entry, a in zip(inputs, self.adapters):  # for the model card's table of sources

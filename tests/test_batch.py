@@ -230,3 +230,18 @@ def test_an_output_edited_in_place_is_not_up_to_date_and_not_replaced(shelf, tmp
     assert "changed since distmerge wrote it" in report["support-bot"]["reason"]
     assert weights.read_bytes() == edited
     assert report["all-code"]["status"] == "up to date"
+
+
+def test_an_adapter_replaced_with_its_old_size_and_mtime_is_still_seen(shelf, tmp_path, capsys):
+    """`cp -p` / `rsync -a` of a retrained adapter keeps size and mtime: the cached hash must not be trusted."""
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert _batch(capsys, zoo_path)[0] == 0
+    target = shelf / "chat" / "adapter_model.safetensors"
+    st = target.stat()
+    t = load_file(str(target))
+    next(iter(t.values())).mul_(-1)  # same shapes, same size
+    save_file(t, str(target))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    code, out, report = _batch(capsys, zoo_path)
+    assert {n for n, r in report.items() if r["status"] == "merged"} == {"support-bot", "mix"}, out

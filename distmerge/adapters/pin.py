@@ -30,11 +30,12 @@ class Stamp:
     ino: int
     dev: int
     host: str
+    ctime_ns: int = 0  # not compared (a chmod changes it), but a cached hash is keyed on it: nobody can set it
 
     @classmethod
     def of(cls, fd: int) -> "Stamp":
         st = os.fstat(fd)
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, socket.gethostname())
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, socket.gethostname(), st.st_ctime_ns)
 
     def differs(self, now: "Stamp") -> str | None:
         """What changed between the planned file and the file open now, or None."""
