@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distmerge.adapters.pin import Stamp, sha256_pinned
 from distmerge.config.units import format_size
 from distmerge.config.zoo import Recipe, Zoo
-from distmerge.errors import DistmergeError, OutputError
+from distmerge.errors import DistmergeError, OutputError, output_error
 from distmerge.executors import make_executor, resolve_executor_name
 from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
@@ -199,6 +199,7 @@ class Batch:
             after = [n for n in recipe.needs if n in stale]
             try:
                 why, adapters = self.check(recipe) if not after else ("", [])
+                p = build_plan(recipe.config, adapters) if why else None
             except DistmergeError as e:
                 rows.append(Outcome(name, FAILED, str(e)))
                 stale.add(name)
@@ -206,8 +207,7 @@ class Batch:
             if after:
                 rows.append(Outcome(name, "would merge", f"after {', '.join(after)} (its inputs will change)"))
                 stale.add(name)
-            elif why:
-                p = build_plan(recipe.config, adapters)
+            elif p is not None:
                 rows.append(Outcome(name, "would merge", why, p.method, p.rank, p.in_bytes))
                 stale.add(name)
             else:
@@ -409,10 +409,13 @@ def write_report(directory: str, zoo: Zoo, rows: Sequence[Outcome], seconds: flo
     counts = {s: sum(r.status == s for r in rows) for s in (MERGED, UP_TO_DATE, FAILED, BLOCKED)}
     doc = {"distmerge_batch": __version__, "zoo": os.path.abspath(zoo.source), "seconds": round(seconds, 3),
            "counts": counts, "inputs_hashed": hashed, "recipes": [asdict(r) for r in rows]}
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    write_json(tmp, doc)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write_json(tmp, doc)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(e, path, "write the batch report") from None
     return path
 
 

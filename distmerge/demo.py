@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import save_file
 
-from distmerge.errors import OutputError
+from distmerge.errors import OutputError, output_error
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEMO_BASE = "distmerge/tiny-llama-demo"
@@ -69,5 +69,8 @@ def write_demo(directory: str, *, layers: int = 2, hidden: int = 64, intermediat
     if there and not force:
         raise OutputError(f"{', '.join(there)} already exist{'s' if len(there) == 1 else ''}; demo never writes "
                           f"over adapters: choose another DIR, or pass --force to replace them")
-    return [write_llama_adapter(path, layers=layers, hidden=hidden, intermediate=intermediate, rank=rank,
-                                alpha=2 * rank, seed=seed + i) for i, path in enumerate(paths)]
+    try:
+        return [write_llama_adapter(path, layers=layers, hidden=hidden, intermediate=intermediate, rank=rank,
+                                    alpha=2 * rank, seed=seed + i) for i, path in enumerate(paths)]
+    except OSError as e:
+        raise output_error(e, e.filename or directory, "write the demo adapters to") from None

@@ -247,3 +247,14 @@ def test_an_adapter_replaced_with_its_old_size_and_mtime_is_still_seen(shelf, tm
     code, out, report = _batch(capsys, zoo_path)
     assert report["support-bot"]["status"] == "merged", out  # (mix follows only if support-bot's bytes changed)
     assert "input 'chat': adapter_model.safetensors changed" in report["support-bot"]["reason"]
+
+
+def test_grid_recipes_can_be_named_on_the_command_line(shelf, tmp_path, capsys):
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    grid = "sweep/method=dare_ties,density=0.3"
+    code, out, report = _batch(capsys, zoo_path, "--only", grid, "--only", "support-bot,all-code")
+    assert code == 0 and set(report) == {grid, "support-bot", "all-code"}, out
+    code, out, report = _batch(capsys, zoo_path, "--only", grid, "--force", grid)
+    assert report[grid]["status"] == "merged" and report[grid]["reason"] == "forced"
+    code, out, report = _batch(capsys, zoo_path, "--only", "support-bot", "--force", "defaults.merge.seed=9")
+    assert report["support-bot"]["status"] == "merged" and "merge.seed" not in report["support-bot"]["reason"]

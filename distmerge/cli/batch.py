@@ -29,31 +29,38 @@ def add_parser(subs) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the zoo file, e.g. "
                                                                     "defaults.merge.seed=3 output_root=/tmp/zoo")
     p.add_argument("--plan", action="store_true", help="print what would run and why; merge nothing")
-    p.add_argument("--force", nargs="?", const="*", default=None, metavar="NAME[,NAME]",
-                   help="re-merge every recipe (or these) even when up to date")
-    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
-                   help="only these recipes, and the recipes whose outputs they merge")
+    p.add_argument("--force", nargs="?", const="*", default=None, action="append", metavar="NAME[,NAME]",
+                   help="re-merge every recipe (or these; repeatable) even when up to date")
+    p.add_argument("--only", default=None, action="append", metavar="NAME[,NAME]",
+                   help="only these recipes (repeatable), and the recipes whose outputs they merge")
     p.set_defaults(run=run)
 
 
-def _names(text: str | None) -> list[str]:
-    return [n.strip() for n in (text or "").split(",") if n.strip()]
+def _names(values: list[str] | None, recipes: list[str]) -> list[str]:
+    """Recipe names from repeated flags, each a name or a comma-separated list; a grid recipe's name holds
+    commas and '=' (sweep/method=ties,density=0.3), so a value that is a recipe's whole name is taken as is."""
+    out = []
+    for value in values or []:
+        out += [value] if value in recipes else [n.strip() for n in value.split(",") if n.strip()]
+    return out
 
 
 def run(args) -> int:
-    from distmerge.batch import UP_TO_DATE, Batch, run_batch, table
+    from distmerge.batch import FAILED, UP_TO_DATE, Batch, run_batch, table
     from distmerge.config.load import suggest
     from distmerge.config.zoo import load_zoo
     from distmerge.errors import ConfigError
 
     overrides = list(args.overrides)
-    force = args.force
-    if force and "=" in force:  # `--force key=value`: the flag alone, and an override
-        overrides.insert(0, force)
-        force = "*"
+    forced_values = list(args.force or [])
+    zoo_keys = [v for v in forced_values if "=" in v and "/" not in v.partition("=")[0]]
+    if zoo_keys:  # `--force key=value`: the flag alone, then an override of the zoo
+        overrides[:0] = zoo_keys
+        forced_values = ["*" if v in zoo_keys else v for v in forced_values]
     zoo = load_zoo(args.zoo, overrides)
     names = [r.name for r in zoo.recipes]
-    only, forced = _names(args.only), (["*"] if force == "*" else _names(force))
+    only = _names(args.only, names)
+    forced = ["*"] if "*" in forced_values else _names(forced_values, names)
     unknown = [n for n in only + forced if n != "*" and n not in names]
     if unknown:
         raise ConfigError([f"--only/--force: no recipe is named {n!r}{suggest(n, names)}" for n in unknown])
@@ -63,7 +70,7 @@ def run(args) -> int:
         todo = [r for r in rows if r.status != UP_TO_DATE]
         print(f"\n{len(todo)} of {len(rows)} recipes would merge, reading {format_size(sum(r.bytes for r in todo))}"
               f" of inputs; {len(rows) - len(todo)} are up to date")
-        return 0
+        return 2 if any(r.status == FAILED for r in rows) else 0
     result = run_batch(zoo, only, forced)
     print(table(result.outcomes))
     print(f"\n{sum(o.status != UP_TO_DATE for o in result.outcomes)} merged or failed, "
