@@ -207,11 +207,13 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
         spec = build_section(AdapterSpec, item, where, p)
         if spec is None:
             continue
-        from distmerge.sources import hub, is_remote  # imported here: sources import the config's schema
+        from distmerge.sources import kind_of  # imported here: sources import the config's schema
 
-        if is_remote(spec.path):  # resolved (downloaded) by its source when the merge starts, not checked here
-            if hub.parse(spec.path) is None:
-                p.append(f"{where}.path: {spec.path!r} is not a Hub path distmerge can read; write {hub.SYNTAX}")
+        kind = kind_of(spec.path)
+        if kind is not None:  # resolved (downloaded) by its source when the merge starts, not checked here
+            problem = kind.problem(spec.path)
+            if problem:
+                p.append(f"{where}.path: {spec.path!r} is {problem}")
             if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
                 p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
             specs.append(spec)
@@ -252,9 +254,10 @@ def _name_adapters(specs: list[AdapterSpec], p: list[str]) -> None:
 
 def _default_name(path: str) -> str:
     """The adapter's directory name, or for hf://ORG/NAME@REV/SUB the subfolder's (else the repo's) name."""
-    from distmerge.sources import hub, is_remote  # imported here: sources import the config's schema
+    from distmerge.sources import kind_of  # imported here: sources import the config's schema
 
-    return hub.default_name(path) if is_remote(path) else Path(path).name
+    kind = kind_of(path)
+    return kind.default_name(path) if kind else Path(path).name
 
 
 def _check_merge(m: MergeSpec, p: list[str]) -> None:

@@ -34,25 +34,38 @@ def _local(spec: AdapterSpec, runtime: RuntimeSpec) -> Located:
     return Located(spec.path, spec.path)
 
 
-def _hub(spec: AdapterSpec, runtime: RuntimeSpec) -> Located:
-    from distmerge.sources import hub  # huggingface_hub is imported only for Hub inputs
+@dataclass(frozen=True)
+class Kind:
+    """A source kind other than a local directory, by the prefix of its paths."""
 
-    return hub.locate(spec.path, runtime.hub_cache)
+    locate: Callable[[AdapterSpec, RuntimeSpec], Located]  # download or find; called when a merge starts
+    problem: Callable[[str], "str | None"]  # what is wrong with a path's syntax, checked with the config
+    default_name: Callable[[str], str]  # the adapter's name when the config gives none
 
 
-PREFIXES: dict[str, Callable[[AdapterSpec, RuntimeSpec], Located]] = {"hf://": _hub}
+def _hub_kind() -> Kind:
+    from distmerge.sources import hub  # no huggingface_hub import until a Hub input is resolved
+
+    return Kind(lambda spec, runtime: hub.locate(spec.path, runtime.hub_cache),
+                lambda path: None if hub.parse(path) else f"not a Hub path distmerge can read; write {hub.SYNTAX}",
+                hub.default_name)
+
+
+PREFIXES: dict[str, Callable[[], Kind]] = {"hf://": _hub_kind}
+
+
+def kind_of(path: str) -> Kind | None:
+    """The source kind of a path that names no local directory yet; None for a local directory."""
+    return next((make() for prefix, make in PREFIXES.items() if path.startswith(prefix)), None)
 
 
 def is_remote(path: str) -> bool:
-    """A path that names no local directory yet: config validation leaves it to its source."""
     return any(path.startswith(p) for p in PREFIXES)
 
 
 def locate(spec: AdapterSpec, runtime: RuntimeSpec) -> Located:
-    for prefix, kind in PREFIXES.items():
-        if spec.path.startswith(prefix):
-            return kind(spec, runtime)
-    return _local(spec, runtime)
+    kind = kind_of(spec.path)
+    return kind.locate(spec, runtime) if kind else _local(spec, runtime)
 
 
 def open_inputs(cfg: MergeConfig) -> list[Adapter]:
