@@ -52,7 +52,6 @@ def test_defaults_globs_grids_and_recipe_inputs(shelf, tmp_path):
     assert (r.config.merge.method, r.config.merge.density) == ("dare_ties", 0.3)
     assert r.config.output.path == str(tmp_path / "zoo" / "sweep" / "method=dare_ties,density=0.3")
     assert zoo.closure(["mix"]) == [n for n in names if n in ("support-bot", "all-code", "mix")]
-    assert zoo.dependents("support-bot") == ["mix"]
 
 
 def test_a_recipe_is_the_config_it_would_be_alone(shelf, tmp_path):

@@ -65,14 +65,6 @@ class Zoo:
                 stack.extend(self.get(n).needs)
         return [r.name for r in self.recipes if r.name in want]
 
-    def dependents(self, name: str) -> list[str]:
-        """Recipes that merge this one's output, directly or further down."""
-        out: list[str] = []
-        for r in self.recipes:
-            if name in r.needs or any(n in out for n in r.needs):
-                out.append(r.name)
-        return out
-
 
 def load_zoo(source: ConfigSource, overrides: Iterable[str] = ()) -> Zoo:
     """Read a zoo file (overrides apply to the zoo document, e.g. defaults.merge.seed=3) into recipes."""

@@ -45,5 +45,5 @@ class Executor(Protocol):
         """Run tasks until the feed is finished."""
 
 
-def stalled(feed: Feed) -> AssertionError:
+def stalled() -> AssertionError:
     return AssertionError("the feed has no task ready, none running, and is not finished: a job waits on nothing")

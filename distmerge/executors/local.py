@@ -26,7 +26,7 @@ class LocalExecutor:
             if task is None:
                 if feed.finished():
                     return
-                raise stalled(feed)
+                raise stalled()
             try:
                 result = merge_shard(task, self._memory)
             except Exception as e:  # a data error, or a bug or resource failure in this shard: the feed decides

@@ -473,7 +473,7 @@ class RayExecutor:
                 if idle:  # a free worker and no task for it
                     if feed.finished():
                         return end()
-                    raise stalled(feed)
+                    raise stalled()
                 if all(asked_at is None for _slot, asked_at in starting.values()):  # none will come for sure
                     if not retry and feed.finished():
                         return end()
