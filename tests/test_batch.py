@@ -258,3 +258,20 @@ def test_grid_recipes_can_be_named_on_the_command_line(shelf, tmp_path, capsys):
     assert report[grid]["status"] == "merged" and report[grid]["reason"] == "forced"
     code, out, report = _batch(capsys, zoo_path, "--only", "support-bot", "--force", "defaults.merge.seed=9")
     assert report["support-bot"]["status"] == "merged" and "merge.seed" not in report["support-bot"]["reason"]
+
+
+def test_a_shard_that_crashes_fails_its_recipe_alone(shelf, tmp_path, capsys, monkeypatch):
+    """Not a data error: a worker out of memory (or a bug) in one recipe's shard. The batch goes on."""
+    import distmerge.executors.local as local
+
+    real = local.merge_shard
+
+    def crash(task, memory):
+        if task.job == "all-code":
+            raise MemoryError("cannot allocate 64 GiB")
+        return real(task, memory)
+    monkeypatch.setattr(local, "merge_shard", crash)
+    code, out, report = _batch(capsys, _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo")))
+    assert code == 2
+    assert report["all-code"]["status"] == "failed" and "MemoryError" in report["all-code"]["reason"]
+    assert report["mix"]["status"] == "blocked" and report["support-bot"]["status"] == "merged"
