@@ -1,6 +1,6 @@
 """`distmerge batch ZOO` against one `distmerge merge CFG` process per recipe, locally and on Ray.
 
-    python benchmarks/bench_batch.py --out /tmp/dmbatch            # the model-zoo issue's setup (~15 min here)
+    python benchmarks/bench_batch.py --out /tmp/dmbatch            # the model-zoo issue's setup (~12 min here)
     python benchmarks/bench_batch.py --out /tmp/dmbatch --tiny     # seconds, local only: what CI runs
 
 The setup: a pool of 12 adapters (distmerge.demo.write_llama_adapter: 2 layers, hidden 256,
@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from proctree import Measured, _tree_rss, run_measured  # noqa: E402
+from proctree import run_measured  # noqa: E402
 
 from distmerge.config.zoo import load_zoo  # noqa: E402
 from distmerge.demo import LLAMA_TARGETS, write_llama_adapter  # noqa: E402
@@ -59,6 +60,7 @@ MERGE_TIMEOUT_S = 300  # one `distmerge merge` process
 BATCH_TIMEOUT_S = 1800  # one `distmerge batch` process
 FLOORS = {"python -c pass": ["-c", "pass"], "python -c 'import torch'": ["-c", "import torch"],
           "python -m distmerge --version": ["-m", "distmerge", "--version"]}
+POLL_S = 0.05  # proctree's poll: the exit is seen within it, so each process's wall time is ≤ 50 ms long
 REPEATS = 3  # local batch first runs, up-to-date reruns and CLI floors, for the run-to-run spread (1 with --tiny)
 
 
@@ -141,24 +143,32 @@ def _env() -> dict[str, str]:
 
 class ClusterSampler:
     """Peak RSS of this benchmark's children (the driver's tree) plus the Ray head's processes and their
-    children (GCS, raylet, workers), sampled at the same instants in a thread."""
+    descendants (GCS, raylet, workers), summed at the same instants, in a thread.
 
-    def __init__(self, head_temp: str | None, poll_s: float = 0.05):
-        self.head_temp, self.poll_s = head_temp, poll_s
+    One sample is one pass over /proc for parent ids, then the RSS of the processes in those trees: a
+    psutil children(recursive=True) per head process scans /proc each time, and took 44 ms of CPU per
+    sample here, half a core at this poll, taken from the merges it measures."""
+
+    def __init__(self, head_temp: str | None, poll_s: float = 0.1):
+        self.poll_s = poll_s
+        self.head = [p.pid for p in head_processes(head_temp)] if head_temp else []  # the head's own: fixed
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> int:
-        me = psutil.Process()
-        total = sum(_tree_rss(c) for c in me.children())
-        seen: set[int] = set()
-        for p in head_processes(self.head_temp) if self.head_temp else []:
+        kids: dict[int, list[int]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            kids.setdefault(p.info["ppid"], []).append(p.pid)
+        stack, seen, total = list(kids.get(os.getpid(), [])) + self.head, set(), 0
+        while stack:
+            pid = stack.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            stack.extend(kids.get(pid, []))
             try:
-                for q in [p] + p.children(recursive=True):
-                    if q.pid not in seen:
-                        seen.add(q.pid)
-                        total += q.memory_info().rss
+                total += psutil.Process(pid).memory_info().rss
             except psutil.Error:
                 pass
         return total
@@ -179,11 +189,14 @@ class ClusterSampler:
 
 def measure(cmd: list[str], timeout_s: float, head_temp: str | None = None, what: str = "") -> dict:
     load = os.getloadavg()[0]
+    # proctree's default 20 ms poll scans /proc for the tree each time (a quarter of a core here); every
+    # process measured is one process (a Ray driver's workers are the head's), whose peak the kernel's
+    # VmHWM gives whatever the poll, and the exit is seen within POLL_S
     if head_temp is None:  # local: the process tree is everything, and proctree samples it
-        m = run_measured(cmd, env=_env(), timeout_s=timeout_s)
+        m = run_measured(cmd, env=_env(), timeout_s=timeout_s, poll_s=POLL_S)
     else:
         with ClusterSampler(head_temp) as sampler:
-            m = run_measured(cmd, env=_env(), timeout_s=timeout_s)
+            m = run_measured(cmd, env=_env(), timeout_s=timeout_s, poll_s=POLL_S)
     if m.returncode != 0:
         raise SystemExit(f"{what or ' '.join(cmd)} failed (exit {m.returncode}):\n{(m.stdout + m.stderr)[-4000:]}")
     row = {"wall_s": m.wall_s, "peak_rss": m.peak_rss, "load1": load}
@@ -363,7 +376,9 @@ def markdown(res: dict, command: str) -> str:
         f"Machine: {res['env']['machine']}. Versions: " + ", ".join(f"{k} {v}" for k, v in res["env"]["versions"].items())
         + f". Window: {res['window'][0]} to {res['window'][1]} UTC.",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`; distmerge from {res['code']['path']}"
+        + (f" at {res['code']['commit'][:7]}" if res["code"].get("commit") else "")
+        + (f" with uncommitted changes to {', '.join(res['code']['dirty'])}" if res["code"].get("dirty") else "") + ".",
         "",
         "What every process pays before it merges anything (median, min-max of "
         f"{len(next(iter(res['floor_s'].values()))['runs'])}): "
@@ -398,8 +413,9 @@ def markdown(res: dict, command: str) -> str:
         lines.append(f"| {label} | {r['processes']} | {wall} | {r['per_recipe_s']:.3f} | {_mb(r['peak_rss'])} | "
                      f"{cluster} | {note} |")
     if "ray_head_idle_rss" in res:
-        lines += ["", f"The idle Ray head (GCS, raylet, their helpers; no workers) holds {_mb(res['ray_head_idle_rss'])}"
-                      f" before the Ray runs; it is inside the last column, not the one before."]
+        lines += ["", (f"The idle Ray head (GCS, raylet, their helpers; no workers) holds "
+                       f"{_mb(res['ray_head_idle_rss'])} before the Ray runs; it is inside the last column, "
+                       f"not the one before.")]
     idn = res["identical"]
     lines += ["", "Same bytes (sha256 of every output .safetensors file, per recipe): "
               + "; ".join(f"{k}: {v['identical']} of {v['compared']} identical"
@@ -408,9 +424,9 @@ def markdown(res: dict, command: str) -> str:
     lines += ["", "Targets (the model-zoo issue):", "", "| target | goal | measured | met |", "|---|---|---:|---|"]
     for c in res["targets"]:
         lines.append(f"| {c['target']} | {c['goal']} | {c['measured']:.1f}× | {'yes' if c['met'] else '**no**'} |")
-    inside = [f"local first run {runs['local_batch']['report_seconds']:.2f} s, up-to-date rerun "
-              f"{runs['rerun']['report_seconds']:.3f} s "
-              f"({runs['local_batch']['report_seconds'] / max(runs['rerun']['report_seconds'], 1e-3):.0f}×)"]
+    inside = [(f"local first run {runs['local_batch']['report_seconds']:.2f} s, up-to-date rerun "
+               f"{runs['rerun']['report_seconds']:.3f} s "
+               f"({runs['local_batch']['report_seconds'] / max(runs['rerun']['report_seconds'], 1e-3):.0f}×)")]
     if "ray_rerun" in runs:
         inside.append(f"Ray first run {runs['ray_batch']['report_seconds']:.2f} s, up-to-date rerun "
                       f"{runs['ray_rerun']['report_seconds']:.2f} s")
@@ -419,8 +435,28 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_version(root: str) -> dict:
+    """Which distmerge was measured: its directory, and the git commit with any uncommitted changes under
+    distmerge/ (other people may be editing the tree while this runs)."""
+    info = {"path": root}
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "distmerge"], capture_output=True,
+                               text=True, timeout=30)
+        if commit.returncode == 0:
+            info.update(commit=commit.stdout.strip(), dirty=[ln[3:] for ln in dirty.stdout.splitlines()])
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 # ---------------------------------------------------------------- main
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through main's finally: the Ray head is stopped
+
+
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="work directory: adapters, configs, outputs and the report")
     p.add_argument("--tiny", action="store_true", help="4 tiny recipes, local only: seconds, for CI")
@@ -523,7 +559,9 @@ def main(argv=None) -> int:
     import ray
     import torch
 
+    import distmerge
     from distmerge import __version__
+    res["code"] = code_version(os.path.dirname(os.path.dirname(os.path.abspath(distmerge.__file__))))
     res["env"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                              f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM, {platform.system()} {platform.release()}",
                   "versions": {"python": platform.python_version(), "distmerge": __version__, "torch": torch.__version__,
