@@ -168,7 +168,7 @@ class Batch:
         self._executor = ""
         self._hasher: cf.ThreadPoolExecutor | None = None
         self._bar = None
-        self._opened: dict[str, list] = {}  # inputs opened to size the pool, reused by the recipe's check
+        self._checked: dict[str, tuple[str, list]] = {}  # stale recipes' checks from before the pool started
         self._shards = [0, 0, 0, 0]  # shards done, shards queued, bytes read, bytes to read: the bar's postfix
         self._unpushed: set[str] = set()  # merged, but the upload failed: "failed", yet its output is complete
 
@@ -184,7 +184,7 @@ class Batch:
             manifest = previous_output(up)
             if manifest is not None:
                 self.identities.learn_output(up, manifest)
-        adapters = self._opened.pop(recipe.name, None) or open_inputs(recipe.config)
+        adapters = open_inputs(recipe.config)
         if recipe.name in self.force:
             return "forced", adapters
         hashes = {f: file_sha256(a, f, stamp, self.identities.sha) for a, f, stamp in input_files(adapters)}
@@ -222,31 +222,61 @@ class Batch:
         if resolve_executor_name(self.zoo.runtime) != "ray":
             return 0
         peak = 0
-        for name in self.selected:
+        for name in self._waiting:
             recipe = self.zoo.get(name)
             if recipe.needs:
                 continue
             try:
-                self._opened[name] = open_inputs(recipe.config)
-                peak = max(peak, build_plan(recipe.config, self._opened[name]).peak_bytes)
+                adapters = self._checked[name][1] if name in self._checked else open_inputs(recipe.config)
+                peak = max(peak, build_plan(recipe.config, adapters).peak_bytes)
             except DistmergeError:
                 continue  # the recipe fails, with this error, when its turn comes
         return peak
 
     def run(self, progress: bool = True) -> list[Outcome]:
-        with BatchLock(self.lock_dir(), self.zoo.source), make_executor(self.zoo.runtime, self.peak_bytes()) as pool, \
-                cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
-            self._parallelism, self._executor = pool.parallelism, pool.name
-            self._hasher = None if pool.in_process else hasher
+        with BatchLock(self.lock_dir(), self.zoo.source):
             self._bar = tqdm(total=len(self.selected), unit="recipe", desc="recipes",
                              disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
             try:
-                pool.run(self)
+                self._settle()
+                if self._waiting:  # something to merge: only now a pool (on Ray: ray.init and the actors)
+                    with make_executor(self.zoo.runtime, self.peak_bytes()) as pool, \
+                            cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
+                        self._parallelism, self._executor = pool.parallelism, pool.name
+                        self._hasher = None if pool.in_process else hasher
+                        pool.run(self)
             finally:
                 for job in self._jobs.values():
                     job.__exit__(None, None, None)
                 self._bar.close()
         return [self.outcomes[n] for n in self.selected]
+
+    def _settle(self) -> None:
+        """Before any worker starts, record in dependency order every recipe that is up to date (the recipes it
+        merges up to date too), and keep the checks of the stale ones for when they run: a batch with nothing
+        stale never starts a pool."""
+        for name in list(self._waiting):
+            recipe = self.zoo.get(name)
+            if any(self.outcomes.get(n, Outcome(n, "")).status != UP_TO_DATE for n in recipe.needs):
+                continue  # merges a recipe that runs: checked once that one is done
+            t0 = time.perf_counter()
+            try:
+                why, adapters = self.check(recipe)
+            except DistmergeError:
+                continue  # fails, with this error, when its turn comes
+            if why:
+                self._checked[name] = (why, adapters)
+            else:
+                self._waiting.remove(name)
+                self._up_to_date(recipe, t0)
+
+    def _up_to_date(self, recipe: Recipe, t0: float) -> None:
+        up = Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path)
+        if recipe.config.output.push_to_hub and not self._pushed(recipe, up.path):
+            up.reason = "not yet pushed where output.push_to_hub says"  # an earlier push failed, or is new
+            self._push(up, recipe.config)
+        up.seconds = time.perf_counter() - t0
+        self._record(up)
 
     def lock_dir(self) -> str:
         if self.zoo.output_root:
@@ -283,14 +313,9 @@ class Batch:
         t0 = time.perf_counter()
         job = None
         try:
-            why, adapters = self.check(recipe)
+            why, adapters = self._checked.pop(recipe.name, None) or self.check(recipe)
             if not why:
-                up = Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path)
-                if recipe.config.output.push_to_hub and not self._pushed(recipe, up.path):
-                    up.reason = "not yet pushed where output.push_to_hub says"  # an earlier push failed, or is new
-                    self._push(up, recipe.config)
-                up.seconds = time.perf_counter() - t0
-                self._record(up)
+                self._up_to_date(recipe, t0)
                 return False
             log.info("%s: merging (%s)", recipe.name, why)
             job = Job(recipe.config, recipe.name, hasher=self.identities.sha)

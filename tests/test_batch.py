@@ -85,6 +85,7 @@ def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, 
     def no_tensors(*a, **k):
         raise AssertionError("an up-to-date batch read a tensor")
     monkeypatch.setattr(TensorReader, "read_into", no_tensors)
+    monkeypatch.setattr("distmerge.batch.make_executor", no_tensors)  # nothing stale: no pool (no ray.init)
     code, out, report = _batch(capsys, zoo_path)
     assert code == 0 and {r["status"] for r in report.values()} == {"up to date"}, out
     assert json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["inputs_hashed"] == 0
