@@ -392,3 +392,13 @@ def test_an_input_replaced_while_a_real_merge_runs(slow_inputs, tmp_path):
     else:
         assert code == 2 and "replaced by another file" in err and "Traceback" not in err, err
         assert not out.exists() and _debris(tmp_path) == []
+
+
+def test_a_reader_that_leaves_is_not_a_bug(tmp_path):
+    """`distmerge methods | head -1`: the pipe closes under the writer; no 'internal error', no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "distmerge", "methods"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    assert code in (0, 141) and "internal error" not in err and "Traceback" not in err, (code, err)

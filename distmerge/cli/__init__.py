@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         except DistmergeError as e:
             print(f"distmerge {args.command}: error: {e}", file=sys.stderr)
             return e.exit_code
+        except BrokenPipeError:  # `distmerge plan ... | head`: the reader left; not an error of anyone's
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except (KeyboardInterrupt, Terminated) as e:
             what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
             print(f"distmerge {args.command}: {what}; nothing was written", file=sys.stderr)
