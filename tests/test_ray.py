@@ -373,8 +373,10 @@ def test_sigterm_while_merging_removes_the_staging(adapter_sets, tmp_path, ray_t
 def _zoo_outputs(zoo_path: Path) -> dict[str, dict[str, str]]:
     from distmerge.config.zoo import load_zoo
 
+    # the adapter's own files: the manifest records times, and the card the runtime (cpus_per_worker 0.5 on
+    # this Ray, 1 locally: the same torch threads, so the same weights)
     return {r.name: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                     for p in Path(r.config.output.path).iterdir() if p.name != "distmerge.json"}
+                     for p in Path(r.config.output.path).iterdir() if p.name not in ("distmerge.json", "README.md")}
             for r in load_zoo(zoo_path).recipes if Path(r.config.output.path).exists()}
 
 
