@@ -167,7 +167,8 @@ def test_a_killed_batchs_lock_never_blocks_the_next(shelf, tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from distmerge.output.owner import BatchLock\n"
         f"lock = BatchLock({str(tmp_path / 'zoo')!r}, 'z').__enter__()\n"
-        "import os; os.pwrite(lock._fd, b'{\"host\": \"another-host\", \"pid\": 1, \"zoo\": \"z\"}      ', 0)\n"
+        "import os; os.ftruncate(lock._fd, 0)\n"
+        "os.pwrite(lock._fd, b'{\"host\": \"another-host\", \"pid\": 1, \"zoo\": \"z\"}', 0)\n"
         "print('held', flush=True); time.sleep(600)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
