@@ -100,8 +100,9 @@ def resolve_base(cfg: EvalConfig) -> str:
         local = snapshot_download(ref.repo, revision=ref.revision, cache_dir=cfg.runtime.hub_cache,
                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:
-        raise DistmergeError(f"base_model: cannot download {cfg.base_model}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}; check the name, revision and HF_TOKEN") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DistmergeError(f"base_model: cannot download {cfg.base_model}: {type(e).__name__}: {first}; check "
+                             f"the name, the revision and HF_TOKEN") from None
     return os.path.join(local, ref.subfolder) if ref.subfolder else local
 
 
@@ -311,7 +312,8 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
         cache.save()
 
     def on_failed(item: EvalItem, error: Exception) -> None:
-        why = str(error) if isinstance(error, DistmergeError) else f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        why = str(error) if isinstance(error, DistmergeError) else \
+            f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
         failures[item.job] = why
         log.warning("%s: evaluation failed: %s", item.label, why)
 

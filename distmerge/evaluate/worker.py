@@ -3,7 +3,8 @@
 The base is loaded in `dtype`: on a GPU, spread by accelerate's device map (`device_map="auto"`,
 `max_memory`) when it does not fit one device; on the CPU otherwise. Each adapter is loaded into the
 resident model with PEFT's load_adapter / set_adapter / delete_adapter; the base is never reloaded, and
-the base alone is scored with the adapters disabled. transformers, peft and accelerate are imported here only, behind the `eval` extra.
+the base alone is scored with the adapters disabled. transformers, peft and accelerate are imported
+here only, behind the `eval` extra.
 """
 
 from __future__ import annotations

@@ -349,7 +349,8 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayError
 
-        self._workers = [self._actor.remote(*self._worker_args) for _ in range(asked)]  # __exit__ kills them from now on
+        # __exit__ kills them from now on
+        self._workers = [self._actor.remote(*self._worker_args) for _ in range(asked)]
         pings = {w.ping.remote(): slot for slot, w in enumerate(self._workers)}
         self.parallelism = asked
         asked_at, first = time.monotonic(), 0.0
