@@ -5,6 +5,11 @@
 - rev:   a short sequence reversed                   "rev red blue"    → "blue red"
 - spell: digits mapped to words                      "spell 3 1"       → "three one"
 
+The base is first trained (all of it, like a pretrained model) to *copy* any three words after any task
+word, so it knows the vocabulary and the prompt format, and each adapter learns a small change of it, as
+fine-tunes of one real pretrained model do; from a random base the three updates interfered so much that
+every merge kept nothing (measured: mean retention < 0.1 for every method).
+
 `build_world(root)` writes base/, adapters/{succ,rev,spell}/ and data/{task}.jsonl under root; training is a
 few hundred Adam steps on batched tensors (seconds on a CPU). The tests build it once per session; the
 quality benchmark (benchmarks/quality.py) builds the same world.
@@ -26,9 +31,11 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = SPECIALS + ["succ", "rev", "spell"] + COLOURS + DIGITS + NUMBERS
 TASKS = ("succ", "rev", "spell")
 LENGTH = 3  # words per prompt
-STEPS = 200
+PRETRAIN_STEPS = 200
+PRETRAIN_LR = 3e-3
+STEPS = 120
 BATCH = 32
-LR = 1e-2
+LR = 5e-3
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"])
 LLAMA = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +54,12 @@ def example(task: str, rng: random.Random) -> tuple[str, str]:
     return "rev " + " ".join(words), " ".join(reversed(words))
 
 
+def pretrain_example(rng: random.Random) -> tuple[str, str]:
+    """What the base learns: any task word, three words, then the same three words."""
+    words = [rng.choice(COLOURS + DIGITS + NUMBERS) for _ in range(LENGTH)]
+    return rng.choice(TASKS) + " " + " ".join(words), " ".join(words)
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -58,14 +71,36 @@ def make_tokenizer():
                                    unk_token="<unk>")
 
 
-def make_base():
+def make_base(steps: int = PRETRAIN_STEPS):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
     with torch.no_grad():  # RMSNorm caps a 0.02-initialised head's logits near 1: room for confident answers
         model.model.norm.weight.mul_(8.0)
-    return model
+    with _one_thread():
+        tok = make_tokenizer()
+        opt = torch.optim.Adam(model.parameters(), lr=PRETRAIN_LR)
+        rng = random.Random("pretrain")
+        model.train()
+        for _ in range(steps):
+            ids, labels = _batch(tok, [pretrain_example(rng) for _ in range(BATCH)])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+class _one_thread:
+    """Measured: 4x faster than 2 threads on a busy 2-core machine for a model this small."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
 
 
 def _batch(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +116,8 @@ def _batch(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tenso
 
 def train_adapter(base_dir: Path, task: str, out: Path, steps: int = STEPS, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # measured: 4x faster than 2 threads on a busy 2-core machine for a model this small
-    try:
+    with _one_thread():
         return _train(base_dir, task, out, steps, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(base_dir: Path, task: str, out: Path, steps: int, seed: int) -> Path:
