@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    heatmap(report, str(docs / "quality.png"), title="retention on each task (loss): method × density × weighting")
+    heatmap(report, str(docs / "quality.png"), title="retention (loss) per task")
     names = [t["name"] for t in report["tasks"]]
     rows = [[str(c["rank"] or "-"), c["name"], f"{c['mean_retention']:.3f}" if c["mean_retention"] is not None else "-",
              f"{c['worst_task']} {c['worst_retention']:.3f}" if c["worst_task"] else "-",

@@ -307,3 +307,29 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert (tmp_path / "zoo" / "r" / "adapter_model.safetensors").is_file()
+
+
+def test_the_example_config_uses_only_known_keys():
+    from distmerge.config.eval import TOP_KEYS, TaskSpec
+
+    text = (ROOT / "configs" / "evaluate.yaml").read_text()
+    assert text.startswith("# python benchmarks/quality.py") and "distmerge evaluate configs/evaluate.yaml" in text
+    raw = yaml.safe_load(text)
+    assert set(raw) == set(TOP_KEYS)
+    fields = set(TaskSpec.__dataclass_fields__)
+    assert all(set(t) <= fields for t in raw["tasks"]) and fields == set().union(*map(set, raw["tasks"]))
+
+
+def test_an_adapter_that_does_not_fit_the_base_fails_alone(world, merged, local_run, tmp_path):
+    from tests.conftest import make_adapter
+
+    alien = make_adapter(tmp_path / "alien", "llama", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg = E.eval_config(world, tmp_path / "out", [{"path": str(alien), "name": "alien"},
+                                                  {"path": merged["linear"], "name": "linear"}], METRICS)
+    run = evaluate(cfg)
+    rows = {c["name"]: c for c in run.report["candidates"]}
+    assert rows["alien"]["error"] and rows["alien"]["mean_retention"] is None
+    assert rows["linear"]["error"] is None and rows["linear"]["mean_retention"] is not None
+    assert run.report["best"]["name"] == "linear"
+    before = {t: s for (name, t), s in _scores(local_run[1]).items() if name == "linear"}
+    assert rows["linear"]["scores"] == pytest.approx(before, abs=1e-6)  # the failure left the base clean

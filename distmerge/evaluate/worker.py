@@ -66,9 +66,12 @@ class Evaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        import transformers
+
         self.device = resolve_device(device)
-        torch_dtype = getattr(torch, dtype)
-        kwargs: dict = {"dtype": torch_dtype}
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        # `torch_dtype` was renamed `dtype` in transformers 4.56; the old name still works there, with a warning
+        kwargs: dict = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": getattr(torch, dtype)}
         if self.device == "cuda":
             free, _total = torch.cuda.mem_get_info()
             if _weights_bytes(base_model) > SLACK * free and torch.cuda.device_count() >= 1:
@@ -197,7 +200,8 @@ class EvalWorker:
             import torch
 
             torch.set_num_threads(threads)
-        self.evaluator = Evaluator(base_model, dtype, device)
+        self._args = (base_model, dtype, device)
+        self.evaluator = Evaluator(*self._args)
 
     def ping(self) -> tuple[str, str]:
         import socket
@@ -212,6 +216,14 @@ class EvalWorker:
 
         _fault_hooks()
         t0 = time.perf_counter()
-        scores = self.evaluator.evaluate(item)
+        if self.evaluator is None:
+            self.evaluator = Evaluator(*self._args)
+        try:
+            scores = self.evaluator.evaluate(item)
+        except Exception:
+            # an adapter that failed half-loaded (shapes that do not fit this base) may have left layers in the
+            # resident model: the next item gets a freshly loaded base, the only time a worker reloads it
+            self.evaluator = None
+            raise
         return EvalResult(tuple(scores), time.perf_counter() - t0,
                           (("host", socket.gethostname()), ("pid", str(os.getpid()))))
