@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "What this setup can and cannot say: it is tiny (a 40-word vocabulary, 3-word answers), so it shows how "
         "methods trade one task against another on adapters that really were trained, not how a 7B merge "
         "will score; read the ranking and the worst-task column, not the third decimal. Training is seeded and "
-        "the data fixed, so a rerun on the same versions reproduces the table.",
+        "the data fixed; a rerun on the same versions and thread count should give the same table (not checked "
+        "across machines).",
         "",
         f"Run: {len(points)} merges in {merge_s:.1f}s, {run.evaluated} scores in {eval_s:.1f}s, training "
         f"{train_s:.1f}s; {platform.machine()}, {os.cpu_count()} cores, one torch thread; distmerge "
