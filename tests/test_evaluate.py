@@ -180,9 +180,10 @@ def test_exact_match_equals_one_at_a_time_greedy_decoding(world, tmp_path):
     from distmerge.evaluate.worker import EvalItem, Evaluator, TaskData
 
     rng = random.Random(3)
-    examples = tuple(E.example("succ", rng) for _ in range(20))
-    examples = examples[:10] + tuple((p, c.split()[0] + " red") for p, c in examples[10:])  # half made wrong
-    task = TaskData("succ", "exact_match", E.LENGTH, examples)
+    examples = [E.example("succ", rng) for _ in range(20)]
+    examples = (examples[:8] + [(p, c.split()[0] + " red") for p, c in examples[8:14]]  # some made wrong
+                + [(" ".join(["succ"] * k) + " " + p, c) for k, (p, c) in zip((1, 2, 3, 1, 2, 3), examples[14:])])
+    task = TaskData("succ", "exact_match", E.LENGTH, tuple(examples))  # prompts of 3 lengths: left padding
     ev = Evaluator(str(world.base))
     [(_, acc, n)] = ev.evaluate(EvalItem("succ", str(world.adapters["succ"]), (task,)))
     tok = E.make_tokenizer()
@@ -194,7 +195,7 @@ def test_exact_match_equals_one_at_a_time_greedy_decoding(world, tmp_path):
                 nxt = ev.forward(input_ids=ids).logits[0, -1].argmax()
                 ids = torch.cat([ids, nxt.view(1, 1)], 1)
             hits += tok.decode(ids[0, -E.LENGTH:].tolist(), skip_special_tokens=True).strip() == completion.strip()
-    assert n == 20 and acc == hits / 20 and 0 < acc <= 0.5
+    assert n == 20 and acc == hits / 20 and 0 < acc < 1
 
 
 @pytest.mark.slow
@@ -224,14 +225,18 @@ def test_batch_evaluate_merges_a_grid_evaluates_it_and_skips_what_is_unchanged(w
                      "grid": {"merge.method": ["ties", "dare_linear"], "merge.density": [0.3, 0.7]}}]},
                                   sort_keys=False))
     ev = tmp_path / "eval.yaml"
-    ev.write_text(yaml.safe_dump(E.eval_config(world, tmp_path / "leaderboard", [])))
+    ev.write_text(yaml.safe_dump(E.eval_config(world, tmp_path / "leaderboard", [{"batch": str(zoo)}])))
+    early = evaluate(str(ev))  # {batch: ZOO} before the batch ran: every output is missing, and said so
+    assert early.report["candidates"] == [] and len(early.report["missing"]) == 4
     assert main(["batch", str(zoo), "--evaluate", str(ev)]) == 0
     first = capsys.readouterr().out
     report = json.loads((tmp_path / "leaderboard" / "report.json").read_text())
-    names = {c["name"] for c in report["candidates"]}
-    assert names == {f"sweep/method={m},density={d}" for m in ("ties", "dare_linear") for d in (0.3, 0.7)}
+    names = [c["name"] for c in report["candidates"]]
+    grid = {f"sweep/method={m},density={d}" for m in ("ties", "dare_linear") for d in (0.3, 0.7)}
+    assert len(names) == 4 and set(names) == grid
     assert report["best"]["name"] in names and "best:" in first
-    assert all(c["recipe"] for c in report["candidates"]) and report["scores_computed"] > 0
+    assert all(c["recipe"] for c in report["candidates"]) and report["scores_computed"] == 4 * 3  # base, sources cached
+    assert report["missing"] == []
     config = yaml.safe_load((tmp_path / "leaderboard" / "best_config.yaml").read_text())
     assert config["merge"]["method"] in ("ties", "dare_linear")
 

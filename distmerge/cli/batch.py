@@ -13,7 +13,7 @@ examples:
   distmerge batch configs/zoo_demo.yaml --only support-bot    # one recipe (and the recipes it merges)
   distmerge batch configs/zoo_demo.yaml --force all-code      # re-merge one recipe even if up to date
   distmerge batch configs/zoo_demo.yaml defaults.merge.seed=3 defaults.runtime.executor=ray
-  distmerge batch configs/zoo_demo.yaml --evaluate configs/evaluate.yaml   # then score every output, leaderboard
+  distmerge batch my_zoo.yaml --evaluate configs/evaluate.yaml   # then score every output: the leaderboard
 """
 
 

@@ -9,7 +9,7 @@ examples:
   distmerge evaluate configs/evaluate.yaml                      # base, sources and candidates on every task
   distmerge evaluate configs/evaluate.yaml runtime.executor=ray # one evaluation actor per GPU (or CPU actors)
   distmerge evaluate configs/evaluate.yaml tasks.0.limit=50 output=./eval-quick
-  distmerge batch configs/zoo_demo.yaml --evaluate configs/evaluate.yaml   # merge a grid, then evaluate it
+  distmerge batch my_zoo.yaml --evaluate configs/evaluate.yaml     # merge a grid, then evaluate it
 """
 
 
