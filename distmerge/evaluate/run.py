@@ -172,8 +172,8 @@ class LocalPool:
     name = "local"
     parallelism = 1
 
-    def __init__(self, base: str, dtype: str, device: str):
-        self._args = (base, dtype, device)
+    def __init__(self, base: str, dtype: str, device: str, threads: int = 1):
+        self._args = (base, dtype, device, threads)
         self._worker = None
 
     def __enter__(self) -> "LocalPool":
@@ -202,15 +202,15 @@ class LocalPool:
 def make_pool(cfg: EvalConfig, base: str):
     from distmerge.executors import resolve_executor_name
 
+    threads = max(1, int(cfg.runtime.cpus_per_worker))  # as for merging: the torch threads in every executor
     if resolve_executor_name(cfg.runtime) == "ray":
         from distmerge.evaluate.worker import EvalWorker, _weights_bytes
         from distmerge.executors.ray import RayExecutor
 
-        threads = max(1, int(cfg.runtime.cpus_per_worker))
         peak = 2 * _weights_bytes(base)  # the resident base and what a forward pass allocates beside it
         return RayExecutor(cfg.runtime, peak, worker=EvalWorker, worker_args=(base, cfg.dtype, cfg.runtime.device,
                                                                             threads))
-    return LocalPool(base, cfg.dtype, cfg.runtime.device)
+    return LocalPool(base, cfg.dtype, cfg.runtime.device, threads)
 
 
 def check_output(directory: str) -> None:

@@ -189,19 +189,36 @@ class Evaluator:
         return (hits / len(examples) if examples else math.nan), len(examples)
 
 
+class _threads:
+    """torch's thread count for a block, restored after: BLAS sums depend on it, and the local pool shares the
+    driver's process."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.before)
+
+
 class EvalWorker:
     """The Ray actor (and the local pool's one worker): an Evaluator kept for every item it is handed."""
 
-    def __init__(self, base_model: str, dtype: str, device: str, threads: int = 0) -> None:
+    def __init__(self, base_model: str, dtype: str, device: str, threads: int = 1) -> None:
         from distmerge.executors.ray import _start_hooks
 
         _start_hooks()
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         self._args = (base_model, dtype, device)
-        self.evaluator = Evaluator(*self._args)
+        self.threads = threads  # runtime.cpus_per_worker, as for merging: the same scores on every executor
+        with _threads(threads):
+            self.evaluator = Evaluator(*self._args)
 
     def ping(self) -> tuple[str, str]:
         import socket
@@ -216,10 +233,11 @@ class EvalWorker:
 
         _fault_hooks()
         t0 = time.perf_counter()
-        if self.evaluator is None:
-            self.evaluator = Evaluator(*self._args)
         try:
-            scores = self.evaluator.evaluate(item)
+            with _threads(self.threads):
+                if self.evaluator is None:
+                    self.evaluator = Evaluator(*self._args)
+                scores = self.evaluator.evaluate(item)
         except Exception:
             # an adapter that failed half-loaded (shapes that do not fit this base) may have left layers in the
             # resident model: the next item gets a freshly loaded base, the only time a worker reloads it
