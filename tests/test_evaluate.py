@@ -126,6 +126,10 @@ def test_unchanged_inputs_are_scored_from_the_cache(local_run):
     again = evaluate(cfg)
     assert again.evaluated == 0 and again.cached == run.evaluated
     assert _scores(again) == _scores(run)
+    resumed = Path(cfg["output"]).parent / "resumed"  # a run stopped before its report left only its cache
+    resumed.mkdir()
+    shutil.copy(Path(cfg["output"]) / "scores_cache.json", resumed)
+    assert evaluate(dict(cfg, output=str(resumed))).evaluated == 0 and (resumed / "report.json").is_file()
     changed = dict(cfg, tasks=[dict(t, limit=10) for t in cfg["tasks"]])  # a setting changed: scored again
     assert evaluate(changed).evaluated == run.evaluated
 

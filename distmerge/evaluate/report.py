@@ -157,11 +157,21 @@ def best_config(best: dict, candidates: Sequence) -> str | None:
 
 
 def write_report(directory: str, report: dict, candidates: Sequence) -> None:
+    """report.json first: it marks the directory as distmerge's (run.check_output), so a run interrupted
+    while writing the others can be run again."""
     text = tables(report)
     config_path = os.path.join(directory, "best_config.yaml")
     config = best_config(report["best"], candidates) if report["best"] else None
     if config is not None:
         report["best"]["config"] = config_path
+
+    def dump(p: str) -> None:
+        with open(p, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+    _write(os.path.join(directory, "report.json"), dump)
+    if config is not None:
         _write(config_path, _text(config))
     elif os.path.lexists(config_path):  # an earlier run's, ours (check_output saw our report.json): stale now
         os.remove(config_path)
@@ -176,10 +186,3 @@ def write_report(directory: str, report: dict, candidates: Sequence) -> None:
         md += ["Not evaluated: " + ", ".join(f"{m['name']} ({m['reason']})" for m in report["missing"]), ""]
     _write(os.path.join(directory, "report.md"), _text("\n".join(md)))
     _write(os.path.join(directory, "retention.png"), lambda p: heatmap(report, p))
-
-    def dump(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-
-    _write(os.path.join(directory, "report.json"), dump)

@@ -213,6 +213,14 @@ def make_pool(cfg: EvalConfig, base: str):
     return LocalPool(base, cfg.dtype, cfg.runtime.device, threads)
 
 
+def _our_cache(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return "distmerge_eval_cache" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_output(directory: str) -> None:
     """The report directory is ours to write: new, or holding a report.json distmerge wrote."""
     from distmerge.evaluate.report import OURS
@@ -228,7 +236,8 @@ def check_output(directory: str) -> None:
             raise OutputError(f"{report} exists and distmerge did not write it; choose another output directory "
                               f"or move that file away. Nothing was written")
         return
-    clash = [n for n in OURS if os.path.lexists(os.path.join(directory, n))]
+    clash = [n for n in OURS if os.path.lexists(os.path.join(directory, n)) and not (n == CACHE and _our_cache(
+        os.path.join(directory, n)))]  # a cache alone: a first run stopped before its report
     if clash:
         raise OutputError(f"{directory} holds {', '.join(clash)}, which distmerge did not write (no report.json "
                           f"of its own there); choose another output directory. Nothing was written")
