@@ -176,4 +176,5 @@ for _name, (_recipe, _summary, _params) in RECIPES.items():
         name=_name, summary=_summary,
         params=("weight",) + _params + ("svd_rank", "svd_clamp", "svd_algorithm", "svd_oversample", "svd_niter"),
         rank_rule=RANK_SVD, fn=lambda inputs, ctx, _r=_recipe: pruned_svd(inputs, ctx, _r), flops=_flops,
-        work=lambda m, n, ranks, out_rank, spec, _r=_recipe: _work(m, n, ranks, out_rank, spec, _r)))
+        work=lambda m, n, ranks, out_rank, spec, _r=_recipe: _work(m, n, ranks, out_rank, spec, _r),
+        space="full", rule=_name.removesuffix("_svd") + ", then svd"))
