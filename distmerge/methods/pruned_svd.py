@@ -36,12 +36,13 @@ def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torc
 
 
 def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator,
-                        buf: torch.Tensor | None = None) -> tuple[float, int, int]:
+                        buf: torch.Tensor | None = None, k: int | None = None) -> tuple[float, int, int]:
     """(t, ties, equal) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed
-    over row blocks; `buf` (float32, at least the first span's rows × n) holds one block at a time."""
+    over row blocks; `buf` (float32, at least the first span's rows × n) holds one block at a time.
+    `k`, when given, is the number of largest magnitudes to keep instead of keep_count(m·n, density)."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
-    k = keep_count(total, density)
+    k = keep_count(total, density) if k is None else k
     if (edge := edge_threshold(k, total)) is not None:
         return edge
     j = total - k + 1  # the threshold is the j-th smallest |value|
