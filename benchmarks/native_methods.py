@@ -201,15 +201,16 @@ def dense_version(method: str) -> tuple[str, Callable] | None:
 
 
 def run(adapters: Sequence[str], weights: Sequence[float], modules: Sequence[str], methods: Sequence[str],
-        density: float, dense_modules: int, log=lambda line: print(line, flush=True)) -> dict:
+        density: float, dense_modules: int, log=lambda line: print(line, flush=True),
+        baselines: Sequence[str] = BASELINES, threads: int | None = None) -> dict:
     """Per method: its math seconds on each sampled module, svd's and ties_svd's on the same, and the dense
     version's on the first `dense_modules` modules; ratios summed over the modules both ran."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     rows, dense_cache = [], {}
     per_module = {}
     for module in modules:
         inputs = read_factors(adapters, module, weights)
-        times = {b: time_method(b, inputs, module, density) for b in BASELINES}
+        times = {b: time_method(b, inputs, module, density) for b in baselines}
         per_module[module] = {"shape": [inputs[0].b.shape[0], inputs[0].a.shape[1]], "baselines": times, "methods": {}}
         for method in methods:
             ours = time_method(method, inputs, module, density)
@@ -227,12 +228,12 @@ def run(adapters: Sequence[str], weights: Sequence[float], modules: Sequence[str
                         dense_cache[key] = None
                 entry.update(dense_label=label, dense_s=dense_cache[key])
             per_module[module]["methods"][method] = entry
-            log(f"{module} {method:>16}: {ours:8.4f} s (svd {times['svd']:.4f}, ties_svd {times['ties_svd']:.4f})"
+            log(f"{module} {method:>16}: {ours:8.4f} s ({', '.join(f'{b} {t:.4f}' for b, t in times.items())})"
                 + (f", {entry['dense_label']} {entry['dense_s']:.2f} s" if entry.get("dense_s") else ""))
     for method in methods:
         ours = sum(per_module[m]["methods"][method]["s"] for m in modules)
         svd = sum(per_module[m]["baselines"]["svd"] for m in modules)
-        ties = sum(per_module[m]["baselines"]["ties_svd"] for m in modules)
+        ties = sum(per_module[m]["baselines"].get("ties_svd", float("nan")) for m in modules)
         dense_mods = [m for m in modules if per_module[m]["methods"][method].get("dense_s")]
         dense = sum(per_module[m]["methods"][method]["dense_s"] for m in dense_mods)
         ours_on_dense = sum(per_module[m]["methods"][method]["s"] for m in dense_mods)
@@ -268,7 +269,7 @@ def markdown(result: dict, setup_line: str, command: str) -> str:
         dense = f"{r['dense_s']:.2f} ({r['dense_modules']})" if r["dense_s"] is not None else ""
         speed = f"{r['speedup_vs_dense']:.0f}×" if r["speedup_vs_dense"] is not None else ""
         lines.append(f"| {r['method']} | {r['space']}/{r['rule']} | {r['s']:.4f} | {r['svd_s']:.4f} | "
-                     f"{r['ties_svd_s']:.3f} | {r['vs_svd']:.2f}× | {r['vs_ties_svd']:.3f}× | "
+                     f"{r['ties_svd_s']:.3f} | {r['vs_svd']:.2f}× | {r['vs_ties_svd']:.4f}× | "
                      f"{r['dense_label'] or ''} | {dense} | {speed} |")
     checks = targets(result["rows"])
     lines += ["", "| target | goal | measured | met |", "|---|---|---:|---|"]
@@ -288,8 +289,17 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--methods", default="all", help="comma-separated, or all (every non-PEFT method)")
     p.add_argument("--dense-modules", type=int, default=1, help="modules the dense versions are timed on")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--baselines", default=",".join(BASELINES))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a machine shared with other jobs, more threads than free cores "
+                        "spin in OpenMP barriers and time the load, not the method)")
+    p.add_argument("--modules", default="all", help="comma-separated module names of layer 0, or all (one per shape)")
     args = p.parse_args(argv)
     setup = TINY if args.tiny else Setup()
+    if args.hidden:
+        setup = Setup(hidden=args.hidden, intermediate=args.intermediate or setup.intermediate)
     adapters = [os.path.join(args.out, "data", f"a{i}") for i in range(setup.adapters)]
     for i, path in enumerate(adapters):  # one layer: the sample is one module of each shape of layer 0
         if not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
@@ -297,11 +307,15 @@ def main(argv=None) -> int:
                                 rank=setup.rank, alpha=2 * setup.rank, seed=i)
     paths = {"adapters": adapters}
     modules = sample_modules(module_shapes(paths["adapters"][0]))
+    if args.modules != "all":
+        modules = args.modules.split(",")
     methods = native_methods() if args.methods == "all" else args.methods.split(",")
-    result = run(paths["adapters"], setup.weights, modules, methods, setup.density, args.dense_modules)
+    result = run(paths["adapters"], setup.weights, modules, methods, setup.density, args.dense_modules,
+                 baselines=args.baselines.split(","), threads=args.threads)
     shapes = ", ".join(f"{m} {result['modules'][m]['shape'][0]}×{result['modules'][m]['shape'][1]}" for m in modules)
     setup_line = (f"Setup: {setup.adapters} adapters of rank {setup.rank}, weights 1/{setup.adapters}, density "
-                  f"{setup.density}; modules (one of each shape): {shapes}; {os.cpu_count()} cores, torch "
+                  f"{setup.density}; modules (one of each shape): {shapes}; {args.threads} torch thread(s) on a "
+                  f"{os.cpu_count()}-core machine shared with other jobs, torch "
                   f"{torch.__version__}, CPU.")
     command = "python benchmarks/native_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = markdown(result, setup_line, command)

@@ -78,6 +78,7 @@ class Projected:
     left: torch.Tensor  # (m, a) orthonormal columns, float32
     xs: list[torch.Tensor]  # per task (a, b) float64, or (k, n) float32 for knots
     right_t: Optional[torch.Tensor]  # (b, n) orthonormal rows, float32
+    parts: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # xs[t] = l @ r.T with l, r (a|b × rₜ)
 
 
 def _stacked(canons: Sequence[Canonical]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
@@ -95,7 +96,8 @@ def _stacked(canons: Sequence[Canonical]) -> tuple[torch.Tensor, torch.Tensor, t
 
 def span_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
     qb, rb, qa, ra, cols = _stacked(canons)
-    return Projected(qb, [rb[:, c] @ ra[:, c].T for c in cols], qa.T)
+    parts = [(rb[:, c], ra[:, c]) for c in cols]
+    return Projected(qb, [lt @ rt.T for lt, rt in parts], qa.T, parts)
 
 
 def core_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
@@ -106,7 +108,8 @@ def core_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
     pa = torch.linalg.svd(ra, full_matrices=False)[0]
     pb, pa = pb * _sign_fix(pb), pa * _sign_fix(pa)
     left, right = qb @ pb.to(qb.dtype), qa @ pa.to(qa.dtype)
-    return Projected(left, [pb.T @ rb[:, c] @ ra[:, c].T @ pa for c in cols], right.T)
+    parts = [(pb.T @ rb[:, c], pa.T @ ra[:, c]) for c in cols]
+    return Projected(left, [lt @ rt.T for lt, rt in parts], right.T, parts)
 
 
 def knots_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
@@ -128,7 +131,8 @@ def knots_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
 def elementwise(recipe: Combine) -> Callable:
     """A PEFT task-arithmetic recipe on the per-task matrices (float32, the primitives' dtype)."""
 
-    def run(xs, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
+    def run(proj: Projected, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
+        xs = proj.xs
         gens = ([ctx.generator(f"{ctx.module}.{space}", f.adapter) for f in inputs]
                 if recipe.prune == "random" else None)
         merged, kept = combine([x.float().contiguous() for x in xs], [f.weight for f in inputs], recipe,
@@ -151,12 +155,25 @@ def _svd_keep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return u[:, :k], s[:k], vh[:k]
 
 
-def tsv_rule(xs, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
+def _task_svd(proj: Projected, t: int, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of weight·xs[t]; from its rank-rₜ factors when the space keeps them (two QRs and an rₜ×rₜ SVD
+    instead of an SVD of the whole p×p matrix)."""
+    if proj.parts is None:
+        return torch.linalg.svd(weight * proj.xs[t], full_matrices=False)
+    lt, rt = proj.parts[t]
+    ql, rl = torch.linalg.qr(weight * lt)
+    qr_, rr = torch.linalg.qr(rt)
+    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    return ql @ u, s, vh @ qr_.T
+
+
+def tsv_rule(proj: Projected, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
     """TSV-M (Gargiulo et al., CVPR 2025): each weighted task's own singular triplets (at most its rank rₜ,
     the reference's 1/T share of a core of size Σ r), the concatenated left and right singular vectors
     each replaced by their polar factor, then U⊥ diag(S) V⊥ᵀ. Triplets with a numerically zero singular
     value are left out: their vectors are arbitrary, and in the polar factor they would move the others."""
-    parts = [torch.linalg.svd(f.weight * x, full_matrices=False) for x, f in zip(xs, inputs)]
+    xs = proj.xs
+    parts = [_task_svd(proj, t, f.weight) for t, f in enumerate(inputs)]
     top = max((float(p[1][0]) for p in parts if p[1].numel()), default=0.0)
     keep = [min(f.a.shape[0], int((p[1] > top * RANK_TOL).sum())) if top > 0 else 0 for p, f in zip(parts, inputs)]
     if not any(keep):
@@ -167,10 +184,10 @@ def tsv_rule(xs, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
     return polar(u) @ (s[:, None] * polar(vh.T).T), {}
 
 
-def iso_rule(xs, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
+def iso_rule(proj: Projected, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
     """Iso-C (Marczak et al., ICML 2025): the weighted sum with its singular values replaced by their mean,
     over the sum's own rank-k spectrum (not min(m, n), which would inflate directions no adapter touched)."""
-    total = sum(f.weight * x for x, f in zip(xs, inputs))
+    total = sum(f.weight * x for x, f in zip(proj.xs, inputs))
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     k = numerical_rank(s)
     if k == 0:
@@ -185,9 +202,10 @@ def iso_cts_dims(k: int, tasks: int, fraction: float) -> tuple[int, int]:
     return k - tasks * per_task, per_task
 
 
-def iso_cts_rule(xs, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
+def iso_cts_rule(proj: Projected, inputs: Sequence[Factors], ctx: ModuleContext, space: str):
     """Iso-CTS: the sum's top common directions, each task's top directions orthogonal to them in the slots
     left, both sides orthogonalised (polar), and every singular value set to their mean."""
+    xs = proj.xs
     weighted = [f.weight * x for x, f in zip(xs, inputs)]
     total = sum(weighted)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
@@ -233,7 +251,7 @@ def finish(proj: Projected, merged: torch.Tensor, ctx: ModuleContext) -> Merged:
 def merge_in_space(inputs: Sequence[Factors], ctx: ModuleContext, space: str, rule: Callable) -> Merged:
     canons = [canonical(f) for f in inputs]
     proj = SPACES[space](canons, ctx)
-    merged, stats = rule(proj.xs, inputs, ctx, space)
+    merged, stats = rule(proj, inputs, ctx, space)
     out = finish(proj, merged, ctx)
     out.stats.update(stats)
     return out
