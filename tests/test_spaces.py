@@ -325,3 +325,15 @@ def test_adapter_variants_load_in_peft_and_match_the_reference(adapter_sets, tmp
         expected = reference(name, group, module=module)
         err = _rel(_lora_layout(layers[module], "default", ours[module]), expected)
         assert err <= 1e-5, f"{variant} {name} {module}: relative error {err:.2e}"
+
+
+def test_methods_command_shows_space_rule_rank_and_source(capsys):
+    from distmerge.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("core_ties"):out.index("core_dare_ties")]
+    assert "sum of ranks, or svd_rank" in block and "space/rule: core/ties" in block
+    assert "params: weight, density, majority_sign_method, svd_rank, svd_clamp" in block and "Core Space" in block
+    assert "space/rule: span/iso_cts" in out and "iso_common_fraction" in out
+    assert "space/rule: full/della, then svd" in out and "della_epsilon" in out and "mergekit" in out
