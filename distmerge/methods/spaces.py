@@ -81,17 +81,22 @@ class Projected:
     parts: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # xs[t] = l @ r.T with l, r (a|b × rₜ)
 
 
-def _stacked(canons: Sequence[Canonical]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """QR of the stacked canonical factors: (Q_B, R_B, Q_A, R_A, column slices per task)."""
+def _stacked(canons: Sequence[Canonical], right: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], list]:
+    """QR of the stacked canonical factors: (Q_B, R_B, Q_A, R_A, column slices per task); the A side
+    (None, None) when `right` is False (KnOTS needs only the B side: its right factor is per task)."""
     b = torch.cat([c.u * c.s.sqrt().to(c.u.dtype) for c in canons], dim=1)  # [B'₁ … B'_T]  m×p
-    at = torch.cat([c.v * c.s.sqrt().to(c.v.dtype) for c in canons], dim=1)  # [A'₁ … A'_T]ᵀ n×p
     qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(at)
+    qa = ra = None
+    if right:
+        at = torch.cat([c.v * c.s.sqrt().to(c.v.dtype) for c in canons], dim=1)  # [A'₁ … A'_T]ᵀ n×p
+        qa, ra = torch.linalg.qr(at)
+        ra = ra.double()
     cols, start = [], 0
     for c in canons:
         cols.append(slice(start, start + c.s.numel()))
         start += c.s.numel()
-    return qb, rb.double(), qa, ra.double(), cols
+    return qb, rb.double(), qa, ra, cols
 
 
 def span_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
@@ -115,14 +120,17 @@ def core_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
 def knots_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
     """KnOTS: [Δ₁ … Δ_T] = Q_B · K · blockdiag(Vₜᵀ) with K = Q_Bᵀ[U₁S₁ … U_TS_T] (a×p); the SVD of K gives
     U = Q_B Uₖ and each task's ΣVₜ = Σ Wₖ,ₜᵀ Vₜᵀ, kept to the numerical rank as the reference keeps σ > 0."""
-    qb, rb, _, _, cols = _stacked(canons)
+    qb, rb, _, _, cols = _stacked(canons, right=False)
     k_mat = torch.cat([rb[:, c] * c_.s.sqrt() for c, c_ in zip(cols, canons)], dim=1)
     uk, sk, wkh = torch.linalg.svd(k_mat, full_matrices=False)
     k = max(1, numerical_rank(sk))
     flip = _sign_fix(uk[:, :k])
     uk, sk, wkh = uk[:, :k] * flip, sk[:k], wkh[:k] * flip.T
-    xs = [((sk[:, None] * wkh[:, c]).to(can.v.dtype)) @ can.v.T for c, can in zip(cols, canons)]
-    return Projected(qb @ uk.to(qb.dtype), xs, None)
+    n = canons[0].v.shape[0]
+    stacked = torch.empty(len(canons), k, n, dtype=canons[0].v.dtype, device=canons[0].v.device)
+    for t, (c, can) in enumerate(zip(cols, canons)):  # back to back: the rules stack them without a copy
+        torch.matmul((sk[:, None] * wkh[:, c]).to(can.v.dtype), can.v.T, out=stacked[t])
+    return Projected(qb @ uk.to(qb.dtype), list(stacked), None)
 
 
 # --- rules ----------------------------------------------------------------------------------------------
