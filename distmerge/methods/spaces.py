@@ -79,6 +79,8 @@ class Projected:
     xs: list[torch.Tensor]  # per task (a, b) float64, or (k, n) float32 for knots
     right_t: Optional[torch.Tensor]  # (b, n) orthonormal rows, float32
     parts: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # xs[t] = l @ r.T with l, r (a|b × rₜ)
+    left_rot: Optional[torch.Tensor] = None  # the left basis is left @ left_rot (a×a, float64), applied late
+    right_rot: Optional[torch.Tensor] = None  # the right basis is (right_rot.T @ right_t), likewise
 
 
 def _stacked(canons: Sequence[Canonical], right: bool = True
@@ -112,9 +114,10 @@ def core_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
     pb = torch.linalg.svd(rb, full_matrices=False)[0]
     pa = torch.linalg.svd(ra, full_matrices=False)[0]
     pb, pa = pb * _sign_fix(pb), pa * _sign_fix(pa)
-    left, right = qb @ pb.to(qb.dtype), qa @ pa.to(qa.dtype)
     parts = [(pb.T @ rb[:, c], pa.T @ ra[:, c]) for c in cols]
-    return Projected(left, [lt @ rt.T for lt, rt in parts], right.T, parts)
+    # U_B = Q_B·P_B and V_A = Q_A·P_A are never formed: finish maps the merged core's singular vectors
+    # through P first (p×p), then Q (m×p), one m×p×p product a side instead of two
+    return Projected(qb, [lt @ rt.T for lt, rt in parts], qa.T, parts, left_rot=pb, right_rot=pa)
 
 
 def knots_space(canons: Sequence[Canonical], ctx: ModuleContext) -> Projected:
@@ -249,6 +252,10 @@ def finish(proj: Projected, merged: torch.Tensor, ctx: ModuleContext) -> Merged:
         q, r = torch.linalg.qr(merged.float().T)
         merged, right_t = r.T, q.T
     uc, s, vch = torch.linalg.svd(merged.double(), full_matrices=False)
+    if proj.left_rot is not None:
+        uc = proj.left_rot @ uc
+    if proj.right_rot is not None:
+        vch = vch @ proj.right_rot.T
     dtype = left.dtype
     t = _canonical(left @ uc.to(dtype), s.to(dtype), vch.to(dtype) @ right_t, ctx.rank)
     t.energy = float((s ** 2).sum())
