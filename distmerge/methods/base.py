@@ -74,7 +74,9 @@ def factor_work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec: Merge
 
 
 # Output-rank rules (PEFT's _check_add_weighted_adapter), by name so the planner can ask without tensors.
-RANK_SAME, RANK_SUM, RANK_SVD = "same", "sum", "svd"
+# RANK_SPAN: the adapters' joint span, Σ rᵢ, truncated to svd_rank where one is set (the core/knots/tsv/iso
+# methods, whose output is a LoRA of rank ≤ Σ rᵢ by construction).
+RANK_SAME, RANK_SUM, RANK_SVD, RANK_SPAN = "same", "sum", "svd", "span"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class MergeMethod:
     flops: Callable[[int, int, Sequence[int], int, MergeSpec], float]
     # work(m, n, ranks, out_rank, spec): bytes of one module's temporaries, for `distmerge plan`'s peak memory
     work: Callable[[int, int, Sequence[int], int, MergeSpec], int] = factor_work
+    space: str = "factors"  # where the rule acts: factors (A and B apart), full (dense delta), core, knots, span
+    rule: str = ""  # what it does there: sum, ties, dare_ties, tsv, iso, ... (for `distmerge methods`)
+    source: str = "PEFT"  # whose definition it follows (PEFT's methods are checked against PEFT itself)
 
     def __call__(self, inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
         return self.fn(inputs, ctx)

@@ -21,5 +21,5 @@ def cat(inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
 
 register(MergeMethod(
     name="cat", summary="concatenate the weighted factors: exact, output rank is the sum of ranks",
-    params=("weight",), rank_rule=RANK_SUM, fn=cat,
+    params=("weight",), rank_rule=RANK_SUM, fn=cat, rule="cat",
     flops=lambda m, n, ranks, out_rank, spec: 2.0 * sum(ranks) * (m + n)))

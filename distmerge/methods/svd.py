@@ -35,4 +35,5 @@ def _work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec) -> int:
 
 register(MergeMethod(
     name="svd", summary="truncated SVD of the weighted sum of deltas, from the factors (no dense delta)",
-    params=("weight", "svd_rank", "svd_clamp"), rank_rule=RANK_SVD, fn=svd, flops=_flops, work=_work))
+    params=("weight", "svd_rank", "svd_clamp"), rank_rule=RANK_SVD, fn=svd, flops=_flops, work=_work,
+    space="full", rule="sum, then svd"))
