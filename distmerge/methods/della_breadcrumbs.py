@@ -19,8 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._primitives import threshold_mask
 from distmerge.methods._svd import svd_dense, to_factors
 from distmerge.methods.base import RANK_SAME, RANK_SVD, Factors, Merged, MergeMethod, ModuleContext, factor_work

@@ -30,8 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._primitives import Combine, combine
 from distmerge.methods._svd import _canonical, to_factors
 from distmerge.methods.base import RANK_SPAN, Factors, Merged, MergeMethod, ModuleContext
