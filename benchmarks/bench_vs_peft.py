@@ -42,6 +42,8 @@ from proctree import Measured, run_measured  # noqa: E402
 from distmerge import lora  # noqa: E402
 from distmerge.demo import LLAMA_TARGETS, write_llama_adapter  # noqa: E402
 from distmerge.methods import registry  # noqa: E402
+from native_methods import markdown as native_markdown, native_methods, run as run_native  # noqa: E402
+from native_methods import targets as native_targets  # noqa: E402
 
 PRUNED_SVD = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 SVD_METHODS = ("svd",) + PRUNED_SVD
@@ -368,12 +370,18 @@ def main(argv=None) -> int:
                    help="run PEFT's SVD methods on a sample when a module has at least this many elements")
     p.add_argument("--peft-sample", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--native", default="auto",
+                   help="LoRA-native methods (no PEFT counterpart) timed against svd, ties_svd and their dense "
+                        "versions (benchmarks/native_methods.py): all, none, or comma-separated; auto: all when "
+                        "--methods is all")
+    p.add_argument("--dense-modules", type=int, default=1, help="modules the native methods' dense versions run on")
     args = p.parse_args(argv)
 
     base = TINY if args.tiny else Setup()
     setup = Setup(**{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in asdict(base).items()
                      if k != "density"}, density=base.density)
-    methods = registry.names() if args.methods == "all" else args.methods.split(",")
+    peft_methods = [m for m in registry.names() if registry.get(m).source == "PEFT"]
+    methods = peft_methods if args.methods == "all" else args.methods.split(",")
     os.makedirs(args.out, exist_ok=True)
     paths = build_data(os.path.join(args.out, "data"), setup)
     shapes = module_shapes(paths["adapters"][0])
@@ -430,10 +438,18 @@ def main(argv=None) -> int:
     checks = targets(rows, read_s)
     command = "python benchmarks/bench_vs_peft.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = markdown(setup, rows, checks, env, reads, command)
+    native = None
+    names = native_methods() if args.native == "all" or (args.native == "auto" and args.methods == "all") else \
+        ([] if args.native in ("none", "auto") else args.native.split(","))
+    if names:
+        native = run_native(paths["adapters"], setup.weights, sample, names, setup.density, args.dense_modules)
+        native["targets"] = native_targets(native["rows"])
+        report += "\n" + native_markdown(native, f"Same adapters; modules (one of each shape): {', '.join(sample)}.",
+                                          command)
     with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
         f.write(report)
     json.dump({"setup": asdict(setup), "env": env, "read_once_s": read_s, "read_once_runs_s": reads, "rows": rows,
-               "targets": checks},
+               "targets": checks, "native": native},
               open(os.path.join(args.out, "results.json"), "w"), indent=2)
     plotted = plot(rows, os.path.join(args.out, "benchmarks.png"))
     print("\n" + report)

@@ -21,7 +21,7 @@ from distmerge.adapters.header import DTYPE_SIZES, TORCH_TO_ST, TensorInfo
 from distmerge.config.schema import MergeConfig, MergeSpec
 from distmerge.errors import AdapterError
 from distmerge.methods import registry
-from distmerge.methods.base import RANK_SAME, RANK_SUM, RANK_SVD
+from distmerge.methods.base import RANK_SAME, RANK_SPAN, RANK_SUM, RANK_SVD
 
 # Rough rates for the cost model; only ratios between modules matter for balancing.
 READ_BYTES_PER_S = 1.0e9
@@ -258,6 +258,8 @@ def _job(name: str, pairs: list, method, spec: MergeSpec, nominal_svd: int, out_
         rank = sum(ranks)
     elif method.rank_rule == RANK_SVD:
         rank = min(nominal_svd, m, n)
+    elif method.rank_rule == RANK_SPAN:
+        rank = min(spec.svd_rank or sum(ranks), m, n)
     else:
         raise ValueError(f"method {method.name!r} has unknown rank rule {method.rank_rule!r}")
     a_shape = lora.a_shape(rank, first.a.shape[1:])

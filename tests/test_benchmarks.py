@@ -62,3 +62,20 @@ def test_batch_benchmark_smoke(tmp_path):
                                                         "local batch first run / up-to-date rerun"}
     report = (tmp_path / "batch.md").read_text()
     assert "| local: `distmerge batch`, up to date |" in report and "4 of 4 identical" in report
+
+
+def test_native_methods_benchmark_smoke(tmp_path):
+    """benchmarks/native_methods.py --tiny: each LoRA-native method timed against svd, ties_svd and its
+    dense version; no timing is asserted, only that every number is there and the targets are derived."""
+    methods = ["core_ties", "knots_dare_ties", "tsv", "della_svd"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_methods.py"), "--tiny", "--out",
+                          str(tmp_path), "--methods", ",".join(methods)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    result = json.loads((tmp_path / "native.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(methods)
+    for r in rows.values():
+        assert r["s"] > 0 and r["svd_s"] > 0 and r["ties_svd_s"] > 0 and r["dense_s"] > 0
+        assert r["dense_modules"] == 1 and r["speedup_vs_dense"] > 0
+    assert {t["target"] for t in result["targets"]} >= {"core_ties: time vs svd", "tsv: speedup vs dense TSV-M"}
+    assert "| knots_dare_ties | knots/dare_ties |" in (tmp_path / "native.md").read_text()

@@ -73,3 +73,22 @@ def test_bad_override_and_missing_file(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "c.yaml"), "merge.density"]) == 2
     err = capsys.readouterr().err
     assert "not key=value" in err and "at least one adapter" in err and "Traceback" not in err
+
+
+def test_new_method_parameters_are_validated_together(adapter_sets, tmp_path):
+    """iso_common_fraction, della_epsilon and breadcrumbs_gamma are checked with the rest, each with its fix."""
+    cfg = _base(adapter_sets, tmp_path)
+    cfg["merge"] = {"method": "della_svd", "density": 0.1, "della_epsilon": 0.2, "iso_common_fraction": 1.5,
+                    "breadcrumbs_gamma": -0.1}
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 3, text
+    assert "merge.della_epsilon: density ± epsilon must lie in (0, 1)" in text and "e.g. to 0.05" in text
+    assert "merge.iso_common_fraction: must be in [0, 1], got 1.5" in text
+    assert "merge.breadcrumbs_gamma: must be in [0, 1), got -0.1" in text
+    cfg["merge"] = {"method": "core_ties"}
+    with pytest.raises(ConfigError, match="merge.density: method 'core_ties' prunes and needs a density"):
+        load_config(cfg)
+    cfg["merge"] = {"method": "iso_cts", "iso_common_fraction": 0.5}
+    assert load_config(cfg).merge.iso_common_fraction == 0.5

@@ -69,7 +69,8 @@ def sized_adapters(tmp_path_factory):
 
 @pytest.mark.parametrize("method,algorithm", [("ties", "exact"), ("svd", "exact"), ("ties_svd", "exact"),
                                               ("magnitude_prune_svd", "randomized"),
-                                              ("dare_ties_svd", "randomized")])
+                                              ("dare_ties_svd", "randomized"), ("core_ties", "exact"),
+                                              ("knots_dare_ties", "exact")])
 def test_plan_peak_memory_bounds_the_measured_peak(sized_adapters, tmp_path, method, algorithm):
     """The working set is the merge's peak RSS less that of the same merge of tiny adapters (Python, torch,
     the libraries it loads). The estimate must cover it, give or take the allocator's slack, and not be

@@ -35,7 +35,7 @@ def _ray(workers: int, **extra) -> dict:
     return {"executor": "ray", "num_workers": workers, "cpus_per_worker": 0.5, "progress": False, **extra}
 
 
-@pytest.mark.parametrize("method", ["ties", "svd", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "svd", "dare_ties", "core_dare_ties"])
 def test_ray_matches_local_bytes(adapter_sets, tmp_path, ray_session, method):
     aset = adapter_sets("different_targets")
     kw = {"density": 0.5, "seed": 4}

@@ -285,6 +285,18 @@ def _check_merge(m: MergeSpec, p: list[str]) -> None:
         p.append(f"merge.svd_oversample: must be >= 0, got {m.svd_oversample}")
     if m.svd_niter < 0:
         p.append(f"merge.svd_niter: must be >= 0, got {m.svd_niter}")
+    if not 0 <= m.iso_common_fraction <= 1:
+        p.append(f"merge.iso_common_fraction: must be in [0, 1], got {m.iso_common_fraction}; it is the share of "
+                 f"the merged rank given to common directions (Iso-CTS uses 0.8)")
+    if not 0 <= m.breadcrumbs_gamma < 1:
+        p.append(f"merge.breadcrumbs_gamma: must be in [0, 1), got {m.breadcrumbs_gamma}; it is the fraction of "
+                 f"largest magnitudes dropped (mergekit's default 0.01)")
+    if not 0 <= m.della_epsilon < 1:
+        p.append(f"merge.della_epsilon: must be in [0, 1), got {m.della_epsilon} (mergekit's default 0.15)")
+    elif (method is not None and "della_epsilon" in method.params and m.density is not None and m.density < 1
+          and not (0 < m.density - m.della_epsilon and m.density + m.della_epsilon < 1)):
+        p.append(f"merge.della_epsilon: density ± epsilon must lie in (0, 1), got density {m.density} and epsilon "
+                 f"{m.della_epsilon}; lower merge.della_epsilon, e.g. to {min(m.density, 1 - m.density) / 2:g}")
 
 
 def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:

@@ -28,6 +28,9 @@ class MergeSpec:
     svd_oversample: int = 8
     svd_niter: int = 4
     seed: int = 0
+    iso_common_fraction: float = 0.8  # Iso-CTS: share of the merged rank kept for common directions (paper's 0.8)
+    della_epsilon: float = 0.15  # DELLA: keep probabilities span density ± epsilon (mergekit's default)
+    breadcrumbs_gamma: float = 0.01  # breadcrumbs: fraction of the largest magnitudes dropped (mergekit's default)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.config.schema import MergeSpec
 
 
@@ -58,7 +57,7 @@ class ModuleContext:
     module: str  # the module's saved name: seeds derive from it, never from execution order
     spec: MergeSpec
     rank: int  # the output rank the planner fixed for this module
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scratch: Scratch = field(default_factory=Scratch, compare=False)  # the worker's, reused across modules
 
     def generator(self, tensor: str, adapter: int) -> torch.Generator:
@@ -75,7 +74,9 @@ def factor_work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec: Merge
 
 
 # Output-rank rules (PEFT's _check_add_weighted_adapter), by name so the planner can ask without tensors.
-RANK_SAME, RANK_SUM, RANK_SVD = "same", "sum", "svd"
+# RANK_SPAN: the adapters' joint span, Σ rᵢ, truncated to svd_rank where one is set (the core/knots/tsv/iso
+# methods, whose output is a LoRA of rank ≤ Σ rᵢ by construction).
+RANK_SAME, RANK_SUM, RANK_SVD, RANK_SPAN = "same", "sum", "svd", "span"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class MergeMethod:
     flops: Callable[[int, int, Sequence[int], int, MergeSpec], float]
     # work(m, n, ranks, out_rank, spec): bytes of one module's temporaries, for `distmerge plan`'s peak memory
     work: Callable[[int, int, Sequence[int], int, MergeSpec], int] = factor_work
+    space: str = "factors"  # where the rule acts: factors (A and B apart), full (dense delta), core, knots, span
+    rule: str = ""  # what it does there: sum, ties, dare_ties, tsv, iso, ... (for `distmerge methods`)
+    source: str = "PEFT"  # whose definition it follows (PEFT's methods are checked against PEFT itself)
 
     def __call__(self, inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
         return self.fn(inputs, ctx)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods.base import RANK_SUM, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
 
@@ -22,5 +21,5 @@ def cat(inputs: Sequence[Factors], ctx: ModuleContext) -> Merged:
 
 register(MergeMethod(
     name="cat", summary="concatenate the weighted factors: exact, output rank is the sum of ranks",
-    params=("weight",), rank_rule=RANK_SUM, fn=cat,
+    params=("weight",), rank_rule=RANK_SUM, fn=cat, rule="cat",
     flops=lambda m, n, ranks, out_rank, spec: 2.0 * sum(ranks) * (m + n)))

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, edge_threshold, keep_count,
                                            random_mask, sample_size, select_rows, split_band, threshold_mask,
                                            ties_merge_)
@@ -36,12 +35,13 @@ def _rows(f: Factors, r0: int, r1: int, out: torch.Tensor | None = None) -> torc
 
 
 def magnitude_threshold(f: Factors, spans: list[tuple[int, int]], density: float, gen: torch.Generator,
-                        buf: torch.Tensor | None = None) -> tuple[float, int, int]:
+                        buf: torch.Tensor | None = None, k: int | None = None) -> tuple[float, int, int]:
     """(t, ties, equal) of _primitives.magnitude_thresholds for adapter f's |delta| as one row, computed
-    over row blocks; `buf` (float32, at least the first span's rows × n) holds one block at a time."""
+    over row blocks; `buf` (float32, at least the first span's rows × n) holds one block at a time.
+    `k`, when given, is the number of largest magnitudes to keep instead of keep_count(m·n, density)."""
     m, n = f.b.shape[0], f.a.shape[1]
     total = m * n
-    k = keep_count(total, density)
+    k = keep_count(total, density) if k is None else k
     if (edge := edge_threshold(k, total)) is not None:
         return edge
     j = total - k + 1  # the threshold is the j-th smallest |value|
@@ -176,4 +176,5 @@ for _name, (_recipe, _summary, _params) in RECIPES.items():
         name=_name, summary=_summary,
         params=("weight",) + _params + ("svd_rank", "svd_clamp", "svd_algorithm", "svd_oversample", "svd_niter"),
         rank_rule=RANK_SVD, fn=lambda inputs, ctx, _r=_recipe: pruned_svd(inputs, ctx, _r), flops=_flops,
-        work=lambda m, n, ranks, out_rank, spec, _r=_recipe: _work(m, n, ranks, out_rank, spec, _r)))
+        work=lambda m, n, ranks, out_rank, spec, _r=_recipe: _work(m, n, ranks, out_rank, spec, _r),
+        space="full", rule=_name.removesuffix("_svd") + ", then svd"))

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._svd import svd_of_product, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
@@ -36,4 +35,5 @@ def _work(m: int, n: int, ranks: Sequence[int], out_rank: int, spec) -> int:
 
 register(MergeMethod(
     name="svd", summary="truncated SVD of the weighted sum of deltas, from the factors (no dense delta)",
-    params=("weight", "svd_rank", "svd_clamp"), rank_rule=RANK_SVD, fn=svd, flops=_flops, work=_work))
+    params=("weight", "svd_rank", "svd_clamp"), rank_rule=RANK_SVD, fn=svd, flops=_flops, work=_work,
+    space="full", rule="sum, then svd"))

@@ -50,4 +50,4 @@ RECIPES = {
 for _name, (_recipe, _summary, _params) in RECIPES.items():
     register(MergeMethod(
         name=_name, summary=_summary, params=("weight",) + _params, rank_rule=RANK_SAME,
-        fn=lambda inputs, ctx, _r=_recipe: merge_factors(inputs, ctx, _r), flops=_flops))
+        fn=lambda inputs, ctx, _r=_recipe: merge_factors(inputs, ctx, _r), flops=_flops, rule=_name))
