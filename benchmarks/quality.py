@@ -61,14 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t0
 
     points = grid([float(x) for x in args.densities.split(",")], args.weights.split(","))
-    candidates = []
+    candidates, failed = [], []
     t1 = time.perf_counter()
     for i, (name, merge, weight) in enumerate(points, 1):
         path = out / "merged" / name.replace(",", "_").replace("=", "")
         print(f"[{i}/{len(points)}] merging {name}", file=sys.stderr)
-        distmerge.merge({"adapters": [{"path": str(world.adapters[t]), "weight": weight} for t in E.TASKS],
-                         "merge": merge, "output": {"path": str(path)},
-                         "runtime": {"executor": "local", "progress": False}})
+        try:
+            distmerge.merge({"adapters": [{"path": str(world.adapters[t]), "weight": weight} for t in E.TASKS],
+                             "merge": merge, "output": {"path": str(path)},
+                             "runtime": {"executor": "local", "progress": False}})
+        except distmerge.DistmergeError as e:  # a point a method refuses: listed, the sweep goes on
+            failed.append(f"{name}: {str(e).splitlines()[0]}")
+            continue
         candidates.append({"path": str(path), "name": name})
     merge_s = time.perf_counter() - t1
 
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![retention heatmap](quality.png)",
         "",
+        *([f"Not merged ({len(failed)}): " + "; ".join(failed), ""] if failed else []),
         f"Best: **{report['best']['name']}** (mean retention {report['best']['mean_retention']:.3f})."
         if report["best"] else "No merge has a defined retention.",
         "",

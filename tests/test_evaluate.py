@@ -342,3 +342,14 @@ def test_an_adapter_that_does_not_fit_the_base_fails_alone(world, merged, local_
     assert run.report["best"]["name"] == "linear"
     before = {t: s for (name, t), s in _scores(local_run[1]).items() if name == "linear"}
     assert rows["linear"]["scores"] == pytest.approx(before, abs=1e-6)  # the failure left the base clean
+
+
+def test_an_evaluate_config_error_imports_no_torch(tmp_path):
+    """As tests/test_startup.py asks of the other commands: a config error is reported before any tensor."""
+    code = ("import sys; from distmerge.cli import main; "
+            f"c = main(['evaluate', {str(ROOT / 'configs' / 'evaluate.yaml')!r}, 'taks=1']); "
+            "print(c, sorted(m for m in ('torch', 'ray', 'peft', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip().splitlines()[-1] == "2 []", out.stdout + out.stderr[-2000:]
+    assert "taks: unknown key; did you mean 'tasks'?" in out.stderr and "base_model:" in out.stderr
