@@ -489,3 +489,16 @@ def run_batch(zoo: Zoo, only: Sequence[str] = (), force: Iterable[str] = ()) -> 
     seconds = time.perf_counter() - t0
     report = write_report(batch.lock_dir(), zoo, rows, seconds, len(batch.identities.hashed))
     return BatchRun(rows, report, seconds, batch.identities.hashed)
+
+
+def evaluate_outputs(zoo: Zoo, outcomes: Sequence[Outcome], eval_config: str):
+    """`distmerge batch --evaluate`: every output that is merged or up to date, as candidates named by their
+    recipe, added to the evaluation config's own; unchanged outputs are scored from the cache. The eval
+    extra is imported only here, after the merges."""
+    from distmerge.config.eval import Candidate
+    from distmerge.evaluate import evaluate
+
+    done = [o for o in outcomes if o.status in (MERGED, UP_TO_DATE)]
+    source = os.path.abspath(zoo.source)
+    extra = [Candidate(zoo.get(o.recipe).config.output.path, o.recipe, o.recipe, source) for o in done]
+    return evaluate(eval_config, (), extra)

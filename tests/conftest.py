@@ -157,3 +157,15 @@ def shelf(adapter_sets, tmp_path) -> Path:
     for name, src in zip(["sql", "chat", "code-a", "code-b", "code-c"], adapter_sets("llama").paths * 2):
         shutil.copytree(src, root / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (test_ray, test_evaluate...): a second ray.init would fail."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False)
+    yield
+    ray.shutdown()

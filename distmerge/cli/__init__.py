@@ -10,12 +10,12 @@ import sys
 import tempfile
 import traceback
 
-from distmerge.cli import batch, demo, merge, methods, plan, push
+from distmerge.cli import batch, demo, evaluate, merge, methods, plan, push
 from distmerge.errors import DistmergeError, Terminated
 
 ISSUES = "https://github.com/distmerge/distmerge/issues"
 
-SUBCOMMANDS = (merge, batch, plan, push, methods, demo)
+SUBCOMMANDS = (merge, batch, plan, evaluate, push, methods, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

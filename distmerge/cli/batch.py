@@ -13,6 +13,7 @@ examples:
   distmerge batch configs/zoo_demo.yaml --only support-bot    # one recipe (and the recipes it merges)
   distmerge batch configs/zoo_demo.yaml --force all-code      # re-merge one recipe even if up to date
   distmerge batch configs/zoo_demo.yaml defaults.merge.seed=3 defaults.runtime.executor=ray
+  distmerge batch my_zoo.yaml --evaluate configs/evaluate.yaml   # then score every output: the leaderboard
 """
 
 
@@ -33,6 +34,9 @@ def add_parser(subs) -> None:
                    help="re-merge every recipe (or these; repeatable) even when up to date")
     p.add_argument("--only", default=None, action="append", metavar="NAME[,NAME]",
                    help="only these recipes (repeatable), and the recipes whose outputs they merge")
+    p.add_argument("--evaluate", default=None, metavar="EVAL.yaml",
+                   help="then evaluate every merged or up-to-date output with this evaluation config (its "
+                        "candidates plus the batch's outputs) and write the leaderboard; cached scores are reused")
     p.set_defaults(run=run)
 
 
@@ -71,9 +75,24 @@ def run(args) -> int:
         print(f"\n{len(todo)} of {len(rows)} recipes would merge, reading {format_size(sum(r.bytes for r in todo))}"
               f" of inputs; {len(rows) - len(todo)} are up to date")
         return 2 if any(r.status == FAILED for r in rows) else 0
+    if args.evaluate:  # the evaluation config is checked (and the extra found) before anything is merged
+        from distmerge.evaluate import require_extra
+        from distmerge.config.eval import load_eval_config
+
+        require_extra()
+        load_eval_config(args.evaluate, require_candidates=False)
     result = run_batch(zoo, only, forced)
     print(table(result.outcomes))
     print(f"\n{sum(o.status != UP_TO_DATE for o in result.outcomes)} merged or failed, "
           f"{sum(o.status == UP_TO_DATE for o in result.outcomes)} up to date in {result.seconds:.1f}s; "
           f"report: {result.report}")
+    if args.evaluate:
+        from distmerge.batch import evaluate_outputs
+        from distmerge.cli.evaluate import print_result
+
+        print()
+        evaluated = evaluate_outputs(zoo, result.outcomes, args.evaluate)
+        print_result(evaluated)
+        if any(c["error"] for c in evaluated.report["candidates"]):
+            return 2
     return 0 if result.ok else 2

@@ -267,11 +267,17 @@ class MergeWorker:
 
 
 class RayExecutor:
+    """The pool of actors. `worker` is the actor class (MergeWorker; distmerge evaluate's EvalWorker holds a
+    base model), built with `worker_args`; it answers ping() and run(task). A task has `job` and `index`
+    (and may have a `label` naming it in messages)."""
+
     name = "ray"
     in_process = False
 
-    def __init__(self, runtime: RuntimeSpec, peak_bytes: int = 0):
+    def __init__(self, runtime: RuntimeSpec, peak_bytes: int = 0, worker: type = MergeWorker,
+                 worker_args: tuple = ()):
         self.runtime = runtime
+        self._worker_cls, self._worker_args = worker, worker_args
         self._memory = WORKER_BASE_BYTES + peak_bytes  # Ray's `memory` resource: a reservation, not a limit
         self._owns_ray = False
         self._workers: list = []  # a slot's actor, or None once the slot is given up
@@ -289,7 +295,7 @@ class RayExecutor:
                 self._owns_ray = True
             asked, self._gpus = self._wait_for_shape()
             env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
-            self._actor = ray.remote(MergeWorker).options(
+            self._actor = ray.remote(self._worker_cls).options(
                 num_cpus=self.runtime.cpus_per_worker, num_gpus=self._gpus, memory=self._memory, max_restarts=0,
                 runtime_env={"env_vars": env} if env else None)
             self._start(asked)
@@ -343,7 +349,8 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayError
 
-        self._workers = [self._actor.remote() for _ in range(asked)]  # __exit__ kills them from now on
+        # __exit__ kills them from now on
+        self._workers = [self._actor.remote(*self._worker_args) for _ in range(asked)]
         pings = {w.ping.remote(): slot for slot, w in enumerate(self._workers)}
         self.parallelism = asked
         asked_at, first = time.monotonic(), 0.0
@@ -444,9 +451,9 @@ class RayExecutor:
         def replace(slot: int, task: ShardTask, why: str) -> None:
             key = (task.job, task.index)
             attempts[key] = attempts.get(key, 0) + 1
-            name = f"shard {task.index}" + (f" of {task.job!r}" if task.job else "")
+            name = getattr(task, "label", "") or f"shard {task.index}" + (f" of {task.job!r}" if task.job else "")
             ray.kill(self._workers[slot], no_restart=True)
-            self._workers[slot] = self._actor.remote()
+            self._workers[slot] = self._actor.remote(*self._worker_args)
             starting[self._workers[slot].ping.remote()] = (slot, time.monotonic())
             if attempts[key] > self.runtime.max_retries:  # that shard's job fails; a batch's others go on
                 feed.failed(task, ExecutorError(f"{name} failed {attempts[key]} times ({why}); giving up after "
