@@ -100,19 +100,32 @@ def make_lora(directory: Path, seed: int, r: int = 4, alpha: float = 8, spelling
         sd = {f"unet.{k}": v for k, v in unet_sd.items()}
         sd.update({f"text_encoder.{k}": v for k, v in (te_sd or {}).items()})
         file = directory / "style.safetensors"
-        save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(sd).items()}, str(file))
+        kohya = convert_state_dict_to_kohya(sd)  # writes alpha = rank: give the file the LoRA's own alpha
+        save_file({k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()
+                   for k, v in kohya.items()}, str(file))
+        _save_peft(pipe.unet, unet_sd, directory.parent / f"{directory.name}_unet_peft")
         return file, te_deltas
     meta = {}
     if spelling == "diffusers":
         unet_sd = convert_state_dict_to_diffusers(unet_sd)
         te_sd = convert_state_dict_to_diffusers(te_sd) if te_sd else None
     else:
+        _save_peft(pipe.unet, unet_sd, directory.parent / f"{directory.name}_unet_peft")
         meta = {"unet_lora_adapter_metadata": pipe.unet.peft_config["default"].to_dict()}
         if text_encoder:
             meta["text_encoder_lora_adapter_metadata"] = pipe.text_encoder.peft_config["default"].to_dict()
     StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=unet_sd,
                                               text_encoder_lora_layers=te_sd, **meta)
     return directory, te_deltas
+
+
+def _save_peft(unet, state_dict, directory: Path) -> None:
+    """The UNet's LoRA as a PEFT adapter directory (PEFT's config, PEFT's state dict), for PeftModel."""
+    from safetensors.torch import save_file
+
+    unet.peft_config["default"].save_pretrained(str(directory))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state_dict.items()},
+              str(directory / "adapter_model.safetensors"))
 
 
 def _deltas(model) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ def loras(tmp_path_factory):
     return {
         "peft": make_lora(root / "peft", seed=1, r=4, alpha=8),  # lora_A/lora_B + lora_adapter_metadata
         "diffusers": make_lora(root / "diffusers", seed=2, r=2, alpha=2, spelling="diffusers"),  # lora.down
-        "kohya": make_lora(root / "kohya", seed=3, r=4, alpha=4, spelling="kohya"),
+        "kohya": make_lora(root / "kohya", seed=3, r=4, alpha=2, spelling="kohya"),  # alpha/rank = 0.5
         "unet_only": make_lora(root / "unet_only", seed=4, r=3, alpha=6, text_encoder=False),
     }
 
@@ -43,11 +43,33 @@ def base():
     return weights_of(pipeline())
 
 
-def _merge(tmp_path, adapters, method="cat", **output):
-    cfg = {"adapters": adapters, "merge": {"method": method},
+def _merge(tmp_path, adapters, method="cat", merge=None, **output):
+    cfg = {"adapters": adapters, "merge": {"method": method, **(merge or {})},
            "output": {"path": str(tmp_path / "out"), "model_card": False, **output},
            "runtime": {"executor": "local", "progress": False}}
     return distmerge.merge(cfg)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "ties_svd"])
+def test_methods_equal_peft_add_weighted_adapter_on_the_unet(loras, base, tmp_path, method):
+    """As diffusers' guide does for the other methods: PEFT's add_weighted_adapter on the UNet (the same
+    LoRAs as PEFT directories) against distmerge's merge of the diffusers and kohya files, loaded by diffusers."""
+    from tests.peft_oracle import peft_merge, rel_err
+
+    (a, _), (c, _) = loras["peft"], loras["kohya"]
+    kwargs = {"density": 0.5} if "ties" in method else {}
+    result = _merge(tmp_path, [{"path": str(a), "weight": 0.6}, {"path": str(c), "weight": 0.5}], method=method,
+                    merge=kwargs, format="diffusers")
+    assert result.method == method
+    got = fused([(Path(result.path), 1.0)])
+    theirs = peft_merge(lambda: pipeline().unet, [a.parent / "peft_unet_peft", c.parent.parent / "kohya_unet_peft"],
+                        [0.6, 0.5], method, **kwargs)
+    assert len(theirs) > 40
+    for name, delta in theirs.items():
+        key = "unet." + name.removeprefix("base_model.model.") + ".weight"
+        ours = got[key].double() - base[key].double()
+        err = rel_err(ours.flatten(), delta.double().flatten())
+        assert err <= (1e-3 if method.endswith("svd") else TOL), (name, err)
 
 
 def _file_deltas(out: Path) -> dict[str, torch.Tensor]:
