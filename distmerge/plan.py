@@ -196,6 +196,8 @@ def build_plan(cfg: MergeConfig, adapters: Sequence[Adapter]) -> Plan:
     sizes.update({n: _numel(shape) * item for j in jobs for n, shape in ((j.a_name, j.a_shape), (j.b_name, j.b_shape))})
     # single-file formats (diffusers, kohya) are always consolidated
     files = _layout(names, sizes, cfg.shard_size_bytes, cfg.output.consolidate or out_format != "peft")
+    if out_format != "peft":
+        files = ((formats.FORMATS[out_format].file(cfg.output.path), tuple(names)),)
     return Plan(requested, method.name, rank, out_dtype, tuple(jobs), tuple(passthrough), files,
                 adapter_config, cfg.merge, out_format)
 

@@ -158,8 +158,10 @@ def test_round_trip_diffusers_kohya_diffusers_peft(loras, base, tmp_path):
         err, changed = max_rel_err(got, unet_want, base)
         assert changed > 40 and err <= TOL, (fmt, err)
     # and the default: a diffusers input writes diffusers
-    r = _merge(tmp_path / "default", [{"path": str(src)}])
+    r = _merge(tmp_path / "default", [{"path": str(src)}], model_card=True)
     assert (Path(r.path) / "pytorch_lora_weights.safetensors").is_file()
+    card = (Path(r.path) / "README.md").read_text()
+    assert "load_lora_weights" in card and "PeftModel" not in card
 
 
 def _save(path: Path, tensors: dict, metadata=None) -> Path:
@@ -204,6 +206,20 @@ def test_mixed_bases_refused(tmp_path, adapter_sets):
     with pytest.raises(AdapterError, match="PEFT directory"):  # a PEFT LLM adapter with a diffusion LoRA
         _merge(tmp_path, [{"path": str(adapter_sets("llama").paths[0])}, {"path": str(c)}])
     assert not (tmp_path / "out").exists()
+
+
+def test_kohya_keys_both_ways():
+    from distmerge.adapters.formats import FORMATS
+
+    kohya = FORMATS["kohya"]
+    for key, module in (("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+                         ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", "B")),
+                        ("lora_te_text_model_encoder_layers_3_self_attn_out_proj.alpha",
+                         ("text_encoder.text_model.encoder.layers.3.self_attn.out_proj", "alpha")),
+                        ("lora_unet_mid_block_attentions_0_proj_out.lora_down.weight",
+                         ("unet.mid_block.attentions.0.proj_out", "A"))):
+        assert kohya.parse(key) == module
+        assert kohya.key(*module) == key.replace("lora_te_", "lora_te1_")
 
 
 def test_unflatten_matches_diffusers_names():
