@@ -136,10 +136,23 @@ def path_problem(path: str, fmt: str | None) -> str | None:
     if not p.is_dir():
         return (f"adapter directory {path!r} does not exist; point it at a directory holding adapter_config.json, "
                 f"a diffusers {DIFFUSERS_FILE} or a kohya .safetensors file")
-    if (p / "adapter_config.json").is_file() or (p / DIFFUSERS_FILE).is_file():
+    if (p / "adapter_config.json").is_file() or lora_file(str(p)):
         return None
     return (f"{path!r} has no adapter_config.json; is it a PEFT adapter saved with save_pretrained? (a diffusers "
-            f"LoRA directory holds {DIFFUSERS_FILE})")
+            f"LoRA directory holds {DIFFUSERS_FILE}; a directory holding exactly one .safetensors file, such as a "
+            f"kohya output of distmerge, is read as that file)")
+
+
+def lora_file(directory: str) -> str | None:
+    """The LoRA file of a directory without adapter_config.json: pytorch_lora_weights.safetensors, else its only
+    .safetensors file (a distmerge kohya output); None when there is neither."""
+    if os.path.lexists(os.path.join(directory, DIFFUSERS_FILE)):
+        return os.path.join(directory, DIFFUSERS_FILE)
+    try:
+        found = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    except OSError:
+        return None
+    return os.path.join(directory, found[0]) if len(found) == 1 else None
 
 
 def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adapter:
@@ -154,7 +167,7 @@ def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adap
             os.path.join(path, "adapter_config.json")))):
         adapter = open_peft(spec, index, root)
     else:
-        file = os.path.join(path, DIFFUSERS_FILE) if os.path.isdir(path) else path
+        file = (lora_file(path) or os.path.join(path, DIFFUSERS_FILE)) if os.path.isdir(path) else path
         adapter = _open_file(spec, index, root or path, file, name)
     factors = weights.multipliers(spec, adapter.modules)
     if factors:
@@ -173,7 +186,10 @@ def _open_file(spec: AdapterSpec, index: int, root: str, file: str, name: str) -
     tensors, metadata = read_header(real, name)
     fmt = FORMATS.get(spec.format) if spec.format else next(
         (f for f in FORMATS.values() if f.detect(list(tensors))), None)
-    if fmt is None or fmt.parse is None:
+    if fmt is not None and fmt.parse is None:
+        raise AdapterError(f"adapter {name!r}: format is {fmt.name}, but {spec.path} is not a directory holding "
+                           f"adapter_config.json; remove format: to detect the file's format from its keys")
+    if fmt is None:
         first = show(next(iter(tensors), None))
         raise AdapterError(f"adapter {name!r}: cannot tell the LoRA format of {real} from its keys (first key "
                            f"{first}); expected diffusers keys (unet.<module>.lora_A.weight) or kohya keys "

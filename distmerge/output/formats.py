@@ -25,14 +25,19 @@ from distmerge.plan import Plan
 Writer = Callable[[Plan, dict[str, TensorInfo], str, str, dict[str, str]], dict[str, str]]
 
 
-# output keys that decide only how the files are laid out, not any tensor: a file's bytes must not depend on
-# them (tests/test_output.py: the same bytes however the work is split), so the file's recipe leaves them out
+# What the file's recipe leaves out of the fingerprint's: the keys that decide only how files are laid out
+# (the same bytes however the work is split, tests/test_output.py), and where each input was read from (a
+# Hub input merges to the bytes of the same local files, tests/test_hub.py); distmerge.json keeps them.
 LAYOUT_KEYS = ("shard_size", "consolidate", "model_card")
+PROVENANCE_KEYS = ("name", "from", "hub", "files")  # files: {file name: sha256}; a Hub blob's name is its hash
 
 
 def recipe_metadata(recipe: dict) -> dict[str, str]:
-    """The recipe (method, inputs with their sha256, weights, formats, versions) as file metadata."""
-    doc = {**recipe, "output": {k: v for k, v in recipe.get("output", {}).items() if k not in LAYOUT_KEYS}}
+    """The recipe (method, each input's weight, sha256s, format and per-module weights, versions) as file
+    metadata; inputs in config order."""
+    doc = {**recipe, "output": {k: v for k, v in recipe.get("output", {}).items() if k not in LAYOUT_KEYS},
+           "adapters": [{"sha256": sorted(a["files"].values()),
+                         **{k: v for k, v in a.items() if k not in PROVENANCE_KEYS}} for a in recipe["adapters"]]}
     return {"format": "pt", "distmerge.recipe": json.dumps(doc, sort_keys=True, separators=(",", ":"))}
 
 
