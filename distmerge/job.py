@@ -87,7 +87,7 @@ def _format_keys(spec, adapter: Adapter) -> dict:
     """An input's format and per-module weights, where they differ from a PEFT adapter's defaults (so that
     recipes written before these keys existed keep their fingerprint)."""
     keys = {"format": adapter.format} if adapter.format != "peft" else {}
-    for k in ("module_weights", "layer_weights", "block_weights"):
+    for k in ("component", "module_weights", "layer_weights", "block_weights"):
         if getattr(spec, k, None) is not None:
             keys[k] = getattr(spec, k)
     return keys

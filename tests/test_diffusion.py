@@ -137,32 +137,33 @@ def test_cat_equals_set_adapters_and_fuse_lora(loras, base, tmp_path, fmt):
         assert meta["ss_network_dim"] == str(result.rank) and meta["ss_network_alpha"] == str(result.rank)
 
 
-def test_round_trip_diffusers_kohya_diffusers_peft(loras, base, tmp_path):
-    """Each hop re-reads the previous output; ΔW is unchanged at every hop (through diffusers' loader, and
-    PEFT's for the PEFT directory). The default output format is the input's."""
+def test_round_trip_peft_diffusers_kohya_peft(loras, base, tmp_path):
+    """PEFT → diffusers → kohya → PEFT, each hop re-reading the previous output: ΔW unchanged at every hop,
+    through diffusers' loader (diffusers, kohya) and PEFT's (PEFT). The start is the UNet LoRA as a PEFT
+    directory (PEFT's config and state dict), named as the pipeline's unet by component."""
     from peft import PeftModel
 
     src, _ = loras["unet_only"]
-    want = fused([(src, 1.0)])
-    hops = [("kohya", None), ("diffusers", None), ("peft", "peft")]
-    current = src
-    for i, (fmt, _) in enumerate(hops):
-        r = _merge(tmp_path / f"hop{i}", [{"path": str(current), "weight": 1.0}], format=fmt)
-        out = Path(r.path)
-        current = out  # a kohya output directory is read as its one .safetensors file
+    want = {k: v for k, v in fused([(src, 1.0)]).items() if k.startswith("unet.")}  # the same LoRA, by diffusers
+    current = src.parent / "unet_only_unet_peft"
+    for i, fmt in enumerate(["diffusers", "kohya", "peft"]):
+        spec = {"path": str(current), **({"component": "unet"} if i == 0 else {})}
+        out = Path(_merge(tmp_path / f"hop{i}", [spec], format=fmt).path)
         if fmt == "peft":
             unet = PeftModel.from_pretrained(pipeline().unet, str(out)).merge_and_unload()
             got = {f"unet.{k}": v for k, v in unet.state_dict().items()}
         else:
             got = fused([(next(out.glob("*.safetensors")) if fmt == "kohya" else out, 1.0)])
-        unet_want = {k: v for k, v in want.items() if k.startswith("unet.")}
-        err, changed = max_rel_err(got, unet_want, base)
+        err, changed = max_rel_err(got, want, base)
         assert changed > 40 and err <= TOL, (fmt, err)
-    # and the default: a diffusers input writes diffusers
+        current = out  # a kohya output directory is read as its one .safetensors file
+    # the default output format is the inputs' own
     r = _merge(tmp_path / "default", [{"path": str(src)}], model_card=True)
     assert (Path(r.path) / "pytorch_lora_weights.safetensors").is_file()
     card = (Path(r.path) / "README.md").read_text()
     assert "load_lora_weights" in card and "PeftModel" not in card
+    with pytest.raises(AdapterError, match="component: unet"):  # a PEFT UNet adapter must say it is one
+        _merge(tmp_path / "nocomp", [{"path": str(src.parent / "unet_only_unet_peft")}], format="diffusers")
 
 
 def _save(path: Path, tensors: dict, metadata=None) -> Path:
@@ -232,7 +233,7 @@ def test_unflatten_matches_diffusers_names():
 
 def test_config_errors(tmp_path, loras):
     path = str(loras["peft"][0])
-    bad = {"adapters": [{"path": path, "format": "kohay", "module_weights": {"(": 1.0},
+    bad = {"adapters": [{"path": path, "format": "kohay", "module_weights": {"(": 1.0}, "component": "unte",
                          "block_weights": {"unet": {"side": 1.0}, "text_encoder": {"x": 1}}, "layer_weights": []}],
            "output": {"path": str(tmp_path / "o"), "format": "difusers"}}
     with pytest.raises(ConfigError) as e:
@@ -240,7 +241,8 @@ def test_config_errors(tmp_path, loras):
     text = "\n".join(e.value.problems)
     for needle in ("adapters[0].format", "did you mean 'kohya'", "module_weights: '(' is not a valid regular",
                    "block_weights.unet: unknown part 'side'", "block_weights.text_encoder: expected a number",
-                   "layer_weights: expected a non-empty list", "output.format", "did you mean 'diffusers'"):
+                   "layer_weights: expected a non-empty list", "output.format", "did you mean 'diffusers'",
+                   "adapters[0].component", "did you mean 'unet'"):
         assert needle in text, (needle, text)
 
 

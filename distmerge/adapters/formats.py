@@ -166,6 +166,11 @@ def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adap
     if os.path.isdir(path) and (fmt == "peft" or (fmt is None and os.path.lexists(
             os.path.join(path, "adapter_config.json")))):
         adapter = open_peft(spec, index, root)
+        if spec.component:
+            adapter = _as_component(adapter, spec.component)
+    elif spec.component:
+        raise AdapterError(f"adapter {name!r}: component is set, but {spec.path} is not a PEFT directory; a "
+                           f"diffusers or kohya file names its components itself: remove component")
     else:
         file = (lora_file(path) or os.path.join(path, DIFFUSERS_FILE)) if os.path.isdir(path) else path
         adapter = _open_file(spec, index, root or path, file, name)
@@ -174,6 +179,20 @@ def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adap
         modules = {n: dataclasses.replace(m, multiplier=factors.get(n, 1.0)) for n, m in adapter.modules.items()}
         adapter = dataclasses.replace(adapter, modules=modules)
     return adapter
+
+
+def _as_component(adapter: Adapter, component: str) -> Adapter:
+    """A PEFT directory's modules renamed base_model.model.<m> → <component>.<m>, diffusers' pipeline names."""
+    if adapter.extras:
+        raise AdapterError(f"adapter {adapter.name!r}: it saves full modules ({next(iter(adapter.extras))}); "
+                           f"a pipeline LoRA holds LoRA factors only: remove modules_to_save, or drop component")
+    bad = next((m for m in adapter.modules.values() if m.embedding or not m.name.startswith(lora.PEFT_PREFIX)), None)
+    if bad is not None:
+        raise AdapterError(f"adapter {adapter.name!r}: module {bad.name!r} is not a PEFT layer of a pipeline "
+                           f"component (base_model.model.<module>, not an embedding); drop component")
+    modules = {f"{component}.{n[len(lora.PEFT_PREFIX):]}": dataclasses.replace(
+        m, name=f"{component}.{n[len(lora.PEFT_PREFIX):]}") for n, m in adapter.modules.items()}
+    return dataclasses.replace(adapter, modules=modules)
 
 
 def _open_file(spec: AdapterSpec, index: int, root: str, file: str, name: str) -> Adapter:
@@ -322,20 +341,27 @@ def _alphas(infos: dict[str, TensorInfo], name: str) -> dict[str, float]:
 # --- output ---------------------------------------------------------------------------------------------
 
 
+def is_pipeline(adapter: Adapter) -> bool:
+    """Whether its modules carry diffusers' pipeline names (a diffusers or kohya file, or a PEFT directory
+    given a component)."""
+    return adapter.format != "peft" or all(m.partition(".")[0] in COMPONENTS for m in adapter.modules)
+
+
 def output_format(requested: str | None, adapters: list[Adapter]) -> str:
     """output.format, or the inputs' format when they agree, else peft; refused when it cannot hold them."""
     found = {a.format for a in adapters}
     fmt = requested or (found.pop() if len(found) == 1 else "peft")
-    diffusion = [a for a in adapters if a.format != "peft"]
+    diffusion = [a for a in adapters if is_pipeline(a)]
     if diffusion and len(diffusion) != len(adapters):
-        peft = next(a for a in adapters if a.format == "peft")
+        peft = next(a for a in adapters if not is_pipeline(a))
         raise AdapterError(f"adapter {peft.name!r} is a PEFT directory (modules base_model.model.*) and adapter "
                            f"{diffusion[0].name!r} a {diffusion[0].format} LoRA (modules unet.*, text_encoder.*); "
-                           f"their module names cannot be matched. Merge diffusion LoRAs in diffusers or kohya "
-                           f"format together")
+                           f"their module names cannot be matched. If the PEFT adapter is a pipeline "
+                           f"component's, name it: component: unet (or text_encoder, ...)")
     if fmt != "peft" and not diffusion:
         raise AdapterError(f"output.format is {fmt}, but the inputs are PEFT directories, whose modules name no "
-                           f"pipeline component (unet, text_encoder); write output.format: peft")
+                           f"pipeline component; write output.format: peft, or set component: unet (or "
+                           f"text_encoder, ...) on each adapter")
     if fmt == "kohya":
         bad = sorted({m.partition(".")[0] for a in adapters for m in a.modules} - set(KOHYA_OF))
         if bad:

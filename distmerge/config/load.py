@@ -237,6 +237,9 @@ def _check_format_keys(spec: AdapterSpec, where: str, p: list[str]) -> AdapterSp
     if spec.format is not None and spec.format not in formats.names():
         p.append(f"{where}.format: expected one of {', '.join(formats.names())} or null (detected), "
                  f"got {spec.format!r}{suggest(spec.format, formats.names())}")
+    if spec.component is not None and spec.component not in formats.COMPONENTS:
+        p.append(f"{where}.component: expected one of {', '.join(formats.COMPONENTS)} or null, got "
+                 f"{spec.component!r}{suggest(spec.component, formats.COMPONENTS)}")
     found = [f"{where}.{problem}" for problem in weights.problems(spec)]
     p.extend(found)
     if found:

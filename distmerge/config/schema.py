@@ -17,6 +17,9 @@ class AdapterSpec:
     name: Optional[str] = None  # default: the directory's name
     # peft | diffusers | kohya (adapters/formats.py); null: detected from the files' keys
     format: Optional[str] = None
+    # a PEFT directory's pipeline component (unet, text_encoder, ...): its modules are named as diffusers'
+    # (unet.<module>), so it merges with diffusers and kohya LoRAs and converts to their formats
+    component: Optional[str] = None
     # ordered {regex: factor}, searched in module names: the first match multiplies weight for that module
     module_weights: Optional[Union[dict, list, tuple]] = None
     # values interpolated linearly over the layer index (mergekit's gradients), multiplying weight
