@@ -35,9 +35,11 @@ PROVENANCE_KEYS = ("name", "from", "hub", "files")  # files: {file name: sha256}
 def recipe_metadata(recipe: dict) -> dict[str, str]:
     """The recipe (method, each input's weight, sha256s, format and per-module weights, versions) as file
     metadata; inputs in config order."""
-    runtime = {k: float(v) if k == "cpus_per_worker" else v for k, v in recipe.get("runtime", {}).items()}
+    # the math's torch threads, as the job derives them from cpus_per_worker: 0.5, 1 and 1.0 give the same bytes
+    runtime = {("threads" if k == "cpus_per_worker" else k): (max(1, int(v)) if k == "cpus_per_worker" else v)
+               for k, v in recipe.get("runtime", {}).items()}
     doc = {**recipe, "output": {k: v for k, v in recipe.get("output", {}).items() if k not in LAYOUT_KEYS},
-           "runtime": runtime,  # a batch's zoo gives cpus_per_worker as 1, a config as 1.0: the same bytes
+           "runtime": runtime,
            "adapters": [{"sha256": sorted(a["files"].values()),
                          **{k: v for k, v in a.items() if k not in PROVENANCE_KEYS}} for a in recipe["adapters"]]}
     return {"format": "pt", "distmerge.recipe": json.dumps(doc, sort_keys=True, separators=(",", ":"))}
