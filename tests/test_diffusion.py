@@ -269,6 +269,13 @@ def test_block_scales_follow_set_adapters():
                    "text_encoder.encoder.layers.0.fc1": 0.5}
 
 
+def test_block_list_shorter_than_the_blocks_layers_is_refused():
+    names = {f"unet.up_blocks.1.attentions.{j}.proj_in": f"unet.up_blocks.1.attentions.{j}.proj_in" for j in range(3)}
+    with pytest.raises(ValueError, match="block_1 has 2 values, but the adapter has 3 transformer layers"):
+        weights.block_factors({"unet": {"up": {"block_1": [0.5, 0.7]}}}, names)
+    assert weights.block_factors({"unet": {"up": {"block_1": [0.5]}}}, names) == {n: 0.5 for n in names}
+
+
 def test_module_and_layer_weights_through_peft(adapter_sets, tmp_path):
     """Per-module weights on PEFT adapters: each merged module's ΔW (loaded by PEFT) is Σ wᵢ·mᵢ·ΔWᵢ with every
     mᵢ written out by hand; first pattern wins, layer_weights multiply on top."""

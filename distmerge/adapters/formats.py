@@ -174,7 +174,10 @@ def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adap
     else:
         file = (lora_file(path) or os.path.join(path, DIFFUSERS_FILE)) if os.path.isdir(path) else path
         adapter = _open_file(spec, index, root or path, file, name)
-    factors = weights.multipliers(spec, adapter.modules)
+    try:
+        factors = weights.multipliers(spec, adapter.modules)
+    except ValueError as e:  # a block list shorter than the adapter's transformer layers there
+        raise AdapterError(f"adapter {name!r}: {e}") from None
     if factors:
         modules = {n: dataclasses.replace(m, multiplier=factors.get(n, 1.0)) for n, m in adapter.modules.items()}
         adapter = dataclasses.replace(adapter, modules=modules)
