@@ -461,6 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="work directory: adapters, configs, outputs and the report")
     p.add_argument("--tiny", action="store_true", help="4 tiny recipes, local only: seconds, for CI")
     p.add_argument("--recipes", type=int, help="recipes in the zoo (default 50; 4 with --tiny)")
+    for key in ("layers", "hidden", "intermediate", "rank"):  # adapter size: a first run that does real work
+        p.add_argument(f"--{key}", type=int, help=f"the adapters' {key} (default {getattr(Setup(), key)})")
     p.add_argument("--separate", type=int, help="recipes run as separate local processes (default: all)")
     p.add_argument("--ray-separate", type=int, help="recipes run as separate Ray drivers (default: --separate)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray runs (implied by --tiny)")
@@ -469,7 +471,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     base = TINY if args.tiny else Setup()
-    setup = Setup(**{**asdict(base), **({"recipes": args.recipes} if args.recipes else {})})
+    setup = Setup(**{**asdict(base), **{k: getattr(args, k) for k in ("recipes", "layers", "hidden", "intermediate",
+                                                                      "rank") if getattr(args, k)}})
     use_ray = not (args.tiny or args.no_ray)
     repeats = max(1, args.repeats or (1 if args.tiny else REPEATS))
     out = os.path.abspath(args.out)

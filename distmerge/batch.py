@@ -171,6 +171,8 @@ class Batch:
         self._checked: dict[str, tuple[str, list]] = {}  # stale recipes' checks from before the pool started
         self._shards = [0, 0, 0, 0]  # shards done, shards queued, bytes read, bytes to read: the bar's postfix
         self._unpushed: set[str] = set()  # merged, but the upload failed: "failed", yet its output is complete
+        self._uploader: cf.ThreadPoolExecutor | None = None  # pushes run here, so workers get tasks meanwhile
+        self._uploads: dict[str, tuple[Outcome, cf.Future]] = {}
 
     # --- deciding -----------------------------------------------------------------------------------------
 
@@ -241,10 +243,13 @@ class Batch:
                 self._settle()
                 if self._waiting:  # something to merge: only now a pool (on Ray: ray.init and the actors)
                     with make_executor(self.zoo.runtime, self.peak_bytes()) as pool, \
-                            cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher:
+                            cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256") as hasher, \
+                            cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="push") as uploader:
                         self._parallelism, self._executor = pool.parallelism, pool.name
                         self._hasher = None if pool.in_process else hasher
+                        self._uploader = uploader
                         pool.run(self)
+                        self._uploads_done(wait=True)
             finally:
                 for job in self._jobs.values():
                     job.__exit__(None, None, None)
@@ -337,6 +342,7 @@ class Batch:
             return False
 
     def done(self, task: ShardTask, result: ShardResult) -> None:
+        self._uploads_done(wait=False)
         self._shards[0] += 1
         self._shards[2] += task.in_bytes
         if self._bar is not None:
@@ -355,9 +361,29 @@ class Batch:
             job.__exit__(None, None, None)
         out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
         done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
+        if job.cfg.output.push_to_hub and self._uploader is not None:
+            # Uploaded on a thread while the pool merges on: the output is complete, so the recipes that merge
+            # it may start now (they would even if the push failed); the recipe's line waits for the push.
+            self.outcomes[done.recipe] = done
+            self._uploads[done.recipe] = (done, self._uploader.submit(self._push, done, job.cfg))
+            return
         if job.cfg.output.push_to_hub:
             self._push(done, job.cfg)
         self._record(done)
+
+    def _uploads_done(self, wait: bool) -> None:
+        """Record the recipes whose upload has ended (all of them, waiting, when the pool is done)."""
+        for name, (outcome, future) in list(self._uploads.items()):
+            if not (wait or future.done()):
+                continue
+            del self._uploads[name]
+            try:
+                future.result()
+            except Exception as e:  # not the Hub's refusal (push_output words those): say what it was
+                self._unpushed.add(name)
+                outcome.status = FAILED
+                outcome.reason = f"the upload failed with {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            self._record(outcome)
 
     @staticmethod
     def _pushed(recipe: Recipe, path: str) -> bool:

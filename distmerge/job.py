@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from distmerge._lazy import torch_version
 from distmerge.adapters.adapter import Adapter
 from distmerge.adapters.pin import sha256_pinned
 from distmerge.config.schema import MergeConfig
@@ -64,13 +65,11 @@ def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str,
     do not count, since the bytes do not depend on them; the device and the torch threads
     (cpus_per_worker) do (BLAS rounding), and so do the torch version and distmerge's.
     """
-    import torch
-
     from distmerge import __version__
 
     return {
         "distmerge_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": torch_version(),
         "merge": dataclasses.asdict(cfg.merge),
         "output": {"dtype": cfg.output.dtype, "shard_size": cfg.output.shard_size,
                    "consolidate": cfg.output.consolidate, "model_card": cfg.output.model_card},

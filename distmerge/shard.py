@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
-from distmerge.adapters.header import TORCH_DTYPES, TensorInfo
+from distmerge._lazy import torch
+from distmerge.adapters.header import TensorInfo, torch_dtype
 from distmerge.adapters.reader import TensorReader, all_finite, non_finite_error
 from distmerge.errors import MergeError
 from distmerge.methods import registry
@@ -121,7 +120,7 @@ class InputBuffer:
                 self._raw = self._grow(self._raw, info.nbytes)
                 raw = self._raw[:info.nbytes]
                 reader.read_into(info, s.adapter_name, raw)
-                slot.copy_(raw.view(TORCH_DTYPES[info.dtype]))
+                slot.copy_(raw.view(torch_dtype(info.dtype)))
             spans.append((pos, pos + n))
             pos += n
         if not all_finite(self._floats[:total]):  # one reduction per module; name the tensor only on failure
@@ -152,7 +151,7 @@ def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: 
     with phase("math"):
         a, b, stats = _merge_math(job, task, inputs, device, memory.scratch)
     with phase("write"):
-        dtype = TORCH_DTYPES[task.out_dtype]
+        dtype = torch_dtype(task.out_dtype)
         a_out = a.reshape(job.a_shape).to(dtype).cpu()
         b_out = b.reshape(job.b_shape).to(dtype).cpu()
         if dtype != torch.float32 and not (all_finite(a_out) and all_finite(b_out)):
@@ -162,7 +161,7 @@ def merge_module(job: ModuleJob, task: ShardTask, reader: TensorReader, device: 
 
 def overflow_error(job: ModuleJob, task: ShardTask, a: torch.Tensor, b: torch.Tensor) -> MergeError:
     """The float32 result is finite (checked in the math) but does not fit the output dtype."""
-    dtype = TORCH_DTYPES[task.out_dtype]
+    dtype = torch_dtype(task.out_dtype)
     biggest = max(float(a.abs().max()), float(b.abs().max()))
     return MergeError(f"module {job.module!r}: the {task.method} merge's factors reach |{biggest:.4g}|, beyond "
                       f"{str(dtype).removeprefix('torch.')}'s largest value {torch.finfo(dtype).max:.4g}, so the "

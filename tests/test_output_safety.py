@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.cli import main
 from distmerge.demo import write_llama_adapter
+from distmerge.output import owner
 from distmerge.output.owner import Owner, debris_name
+from distmerge.output.staging import Staging
 from tests.conftest import merge_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +227,43 @@ def test_debris_of_dead_processes_is_removed_and_only_that(inputs, tmp_path, cap
     assert (tmp_path / "prev" / "adapter_model.safetensors").read_bytes() == b"the previous output"
     assert f"restored {tmp_path / 'prev'}" in caplog.text
     assert "older distmerge" in caplog.text and legacy.name in caplog.text
+
+
+def test_another_hosts_debris_is_removed_once_its_lease_lapses(inputs, tmp_path, caplog, monkeypatch):
+    """A nightly driver on a fresh node cleans up after last night's, killed with its node: a live run renews
+    its staging's mtime every RENEW_S, so another host's directory left untouched for LEASE_S is a dead run's."""
+    monkeypatch.setattr(owner, "LEASE_S", 1.0)
+    monkeypatch.setattr(owner, "RENEW_S", 0.1)
+    out = tmp_path / "out"
+    me = Owner.me()
+    dead = debris_name(out, "stage", Owner("lost_node", me.boot, 4242, 1))
+    (dead / "_parts").mkdir(parents=True)
+    (dead / "_parts" / "part-0.safetensors").write_bytes(b"half a merge")
+    set_aside = debris_name(tmp_path / "prev", "old", Owner("lost_node", me.boot, 4242, 1))
+    set_aside.mkdir()
+    (set_aside / "adapter_model.safetensors").write_bytes(b"the previous output")
+    live = debris_name(out, "stage", Owner("busy_node", me.boot, 4343, 1))
+    live.mkdir()
+    renewing = owner.Lease(live).start()  # busy_node's run, alive: its lease is renewed
+    try:
+        time.sleep(1.6)
+        assert not Owner("busy_node", me.boot, 4343, 1).alive(dead)
+        assert Owner("busy_node", me.boot, 4343, 1).alive(live)
+        distmerge.merge(_cfg(inputs, out))
+    finally:
+        renewing.stop()
+    assert sorted(_debris(tmp_path)) == [live.name]
+    assert "pid 4242" in caplog.text and f"restored {tmp_path / 'prev'}" in caplog.text
+    assert (tmp_path / "prev" / "adapter_model.safetensors").read_bytes() == b"the previous output"
+
+
+def test_a_running_merge_renews_its_staging(tmp_path, monkeypatch):
+    monkeypatch.setattr(owner, "RENEW_S", 0.1)
+    with Staging(str(tmp_path / "out")) as staging:
+        os.utime(staging.path, (1, 1))  # as if last touched in 1970
+        time.sleep(0.5)
+        assert time.time() - staging.path.stat().st_mtime < 5
+    assert not staging.path.exists()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -421,6 +422,31 @@ def test_a_batch_pushes_what_it_merges_and_nothing_up_to_date(shelf, tmp_path, c
 
     _batch(capsys, zoo, "--force", "code")
     assert [u["repo_id"] for u in hub.names("upload_folder")][2:] == ["my-org/code"]
+
+
+def test_a_batch_merges_on_while_a_recipe_uploads(shelf, tmp_path, capsys, monkeypatch):
+    """The pool is not idle during an upload: bot's upload waits (up to 30 s) for code, the next recipe, to be
+    merged, which happens only if the upload runs beside the pool rather than in its loop."""
+    root = tmp_path / "zoo"
+    recorder = Hub()
+
+    class SlowApi(RecordingApi):
+        def upload_folder(self, **kw):
+            if kw["repo_id"] == "my-org/bot":
+                deadline = time.monotonic() + 30
+                while not (root / "code" / "distmerge.json").exists():
+                    if time.monotonic() > deadline:
+                        raise OSError("code was not merged while bot uploaded")
+                    time.sleep(0.05)
+            return super().upload_folder(**kw)
+
+    monkeypatch.setattr(hub_module, "HfApi", lambda *a, **k: SlowApi(recorder))
+    zoo = _write(tmp_path, _zoo(shelf, root), "zoo.yaml")
+    code, stdout, report = _batch(capsys, zoo)
+    assert code == 0, report
+    assert {n: r["status"] for n, r in report.items()} == {"bot": "merged", "code": "merged", "mix": "merged"}
+    assert [u["repo_id"] for u in recorder.names("upload_folder")] == ["my-org/bot", "my-org/code"]  # one at a time
+    assert "pushed to my-org/bot@main" in report["bot"]["reason"]
 
 
 def test_a_failed_push_fails_its_recipe_alone(shelf, tmp_path, capsys, hub):

@@ -12,8 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.adapters.pin import Stamp
 from distmerge.errors import AdapterError
 
@@ -21,10 +20,22 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 TORCH_TO_ST = {v: k for k, v in FLOAT_DTYPES.items()}  # output.dtype names → safetensors
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code (one DTYPE_SIZES knows)."""
+    return getattr(torch, _TORCH_NAMES[code])
+
+
+def st_dtype(dtype: "torch.dtype") -> str:
+    """The safetensors dtype code of a torch dtype (`torch.float32` → "F32")."""
+    return _ST_CODES[str(dtype).removeprefix("torch.")]
+
+
+_ST_CODES = {v: k for k, v in _TORCH_NAMES.items()}
 MAX_HEADER = 100 * 2**20
 # A LoRA adapter holds thousands of tensors (every linear layer of a 70B model: 80 × 7 × 2 = 1,120),
 # per-expert LoRA on a 256-expert MoE about 100k; 200k is generous. The header's JSON is bounded before

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.adapters import pin
-from distmerge.adapters.header import TORCH_DTYPES, TensorInfo
+from distmerge.adapters.header import TensorInfo, torch_dtype
 from distmerge.errors import MergeError
 
 READ_CHUNK = 1 << 30  # pread may return short beyond ~2 GiB
@@ -82,7 +81,7 @@ class TensorReader:
         """The tensor in its stored dtype, in a buffer of its own (pass-through tensors are copied, not merged)."""
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         self.read_into(info, owner, buf)
-        return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def non_finite_error(t: torch.Tensor, info: TensorInfo, owner: str) -> MergeError:

@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-import torch
-
+from distmerge._lazy import numpy as np
+from distmerge._lazy import torch
 from distmerge.methods.base import Scratch
 
 EXACT_F32_SUM = 1 << 24  # float32 counts every integer up to here
@@ -77,10 +76,11 @@ class ScanOps:
     where: Callable  # where(mask): the flat indices of mask's True values, in order
 
 
-NUMPY_OPS = ScanOps(lambda a, i: np.partition(a, i - 1)[i - 1], np.count_nonzero,
-                    np.compress, np.flatnonzero)  # compress: 1.4x a[mask] here (measured)
-TORCH_OPS = ScanOps(lambda a, i: torch.kthvalue(a, i).values, torch.count_nonzero, lambda mask, a: a[mask],
-                    lambda mask: torch.nonzero(mask.reshape(-1)).reshape(-1))
+# Lambdas, not np.count_nonzero itself: naming a function here would import numpy and torch (distmerge._lazy).
+NUMPY_OPS = ScanOps(lambda a, i: np.partition(a, i - 1)[i - 1], lambda mask: np.count_nonzero(mask),
+                    lambda mask, a: np.compress(mask, a), lambda mask: np.flatnonzero(mask))  # compress: 1.4x a[mask]
+TORCH_OPS = ScanOps(lambda a, i: torch.kthvalue(a, i).values, lambda mask: torch.count_nonzero(mask),
+                    lambda mask, a: a[mask], lambda mask: torch.nonzero(mask.reshape(-1)).reshape(-1))
 
 
 def _backend(x: torch.Tensor):

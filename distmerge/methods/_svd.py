@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._primitives import kth_smallest
 
 

@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.config.schema import MergeSpec
 
 
@@ -58,7 +57,7 @@ class ModuleContext:
     module: str  # the module's saved name: seeds derive from it, never from execution order
     spec: MergeSpec
     rank: int  # the output rank the planner fixed for this module
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scratch: Scratch = field(default_factory=Scratch, compare=False)  # the worker's, reused across modules
 
     def generator(self, tensor: str, adapter: int) -> torch.Generator:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods.base import RANK_SUM, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._primitives import (SELECT_DIRECT, Combine, bracket, count_ones, edge_threshold, keep_count,
                                            random_mask, sample_size, select_rows, split_band, threshold_mask,
                                            ties_merge_)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from distmerge._lazy import torch
 from distmerge.methods._svd import svd_of_product, to_factors
 from distmerge.methods.base import RANK_SVD, Factors, Merged, MergeMethod, ModuleContext
 from distmerge.methods.registry import register

@@ -10,8 +10,8 @@ import platform
 from typing import Sequence
 
 import safetensors
-import torch
 
+from distmerge._lazy import torch_version
 from distmerge.config.schema import MergeConfig
 from distmerge.plan import Plan, ShardTask
 from distmerge.shard import ShardResult
@@ -69,7 +69,7 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
                     "in_bytes": t.in_bytes, "out_bytes": t.out_bytes, "seconds": round(r.seconds, 4),
                     "phases": dict(r.phases),
                     "worker": dict(r.worker)} for t, r in zip(tasks, results)],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+        "versions": {"python": platform.python_version(), "torch": torch_version(),
                      "safetensors": safetensors.__version__},
     }
     return json.loads(json.dumps(manifest))  # plain JSON types, as a reader of distmerge.json sees them

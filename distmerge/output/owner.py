@@ -10,7 +10,10 @@ distmerge wrote it. Three checks live here, each once:
   directory the user's again.
 - Staging and set-aside directories are named after the process that made them (host, boot,
   pid, start time), so a later run can prove their owner is gone before it removes them
-  (`sweep_debris`), and never removes a live run's work.
+  (`sweep_debris`), and never removes a live run's work. A process on another host cannot be
+  checked, so a live run renews a lease on its staging (its mtime, every RENEW_S); another host's
+  directory is its dead run's once the lease is LEASE_S old. That is what lets a nightly driver on
+  a fresh node clean up after last night's driver, killed with its node.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,8 @@ KINDS = ("stage", "old")  # a merge's staging directory; a previous output set a
 _DEBRIS = re.compile(r"^\.(?P<target>.+)\.distmerge-(?P<kind>stage|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<boot>[0-9a-f]{8})"
                      r"-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 _LEGACY = re.compile(r"^\..+\.distmerge-(old-)?[0-9a-f]{8}$")  # before owners were named: never removed
+RENEW_S = 60.0  # a live run touches its staging this often
+LEASE_S = 15 * 60.0  # another host's debris untouched this long is a dead run's (hosts' clocks may differ by less)
 
 
 # --- who owns a debris directory --------------------------------------------------------------------------
@@ -81,14 +88,51 @@ class Owner:
         pid = os.getpid()
         return cls(_host(), _boot_id(), pid, _start_time(pid) or 0)
 
-    def alive(self) -> bool:
-        """False only when provably gone: same host and boot, and no process with this pid and start time."""
+    def alive(self, debris: Path) -> bool:
+        """False only when provably gone: same host and boot, and no process with this pid and start time;
+        on another host, when `debris` has not been renewed for LEASE_S."""
         if self.host != _host():
-            return True  # another node's process: this one cannot tell
+            return time.time() - last_touched(debris) < LEASE_S
         if self.boot != _boot_id():
             return False  # the machine rebooted since
         now = _start_time(self.pid)
         return now is not None and (now == self.start or 0 in (now, self.start))
+
+
+def last_touched(directory: Path) -> float:
+    """The latest mtime or ctime of a debris directory or its _parts (which Ray workers write into): renaming
+    a directory aside sets its ctime, a lease renewal its mtime, a worker's part its _parts' mtime."""
+    last = 0.0
+    for p in (directory, directory / "_parts"):
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        last = max(last, st.st_mtime, st.st_ctime)
+    return last if last else time.time()  # gone or unreadable: not provably stale
+
+
+class Lease:
+    """Renews `path`'s mtime every RENEW_S on a daemon thread while the run that made it lives."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease {path.name}", daemon=True)
+
+    def start(self) -> "Lease":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return  # renamed into place or removed: nothing left to hold
 
 
 def debris_name(target: Path, kind: str, owner: Owner | None = None) -> Path:
@@ -100,8 +144,9 @@ def debris_name(target: Path, kind: str, owner: Owner | None = None) -> Path:
 def sweep_debris(directory: Path) -> list[str]:
     """Remove the staging and set-aside directories in `directory` whose owning process is gone.
 
-    Says so in one line. Directories of live processes, of other hosts and of distmerge versions that
-    did not name their owner are left alone (the last are named in a warning, to remove by hand).
+    Says so in one line. Directories of live processes, of other hosts' runs whose lease is current, and
+    of distmerge versions that did not name their owner are left alone (the last are named in a warning,
+    to remove by hand).
     """
     try:
         names = os.listdir(directory)
@@ -115,7 +160,7 @@ def sweep_debris(directory: Path) -> list[str]:
                 legacy.append(name)
             continue
         owner = Owner(m["host"], m["boot"], int(m["pid"]), int(m["start"]))
-        if owner.alive():
+        if owner.alive(directory / name):
             continue
         if m["kind"] == "old" and not os.path.lexists(directory / m["target"]):
             try:  # killed between setting the previous output aside and renaming the new one in: put it back

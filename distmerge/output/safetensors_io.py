@@ -15,9 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import torch
-
-from distmerge.adapters.header import DTYPE_SIZES, ST_DTYPES, TensorInfo
+from distmerge._lazy import torch
+from distmerge.adapters.header import DTYPE_SIZES, TensorInfo, st_dtype
 from distmerge.adapters.pin import sha256_stream
 from distmerge.errors import output_error
 
@@ -80,7 +79,7 @@ class StreamWriter:
         self._next += 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._expect(name, tuple(tensor.shape), ST_DTYPES[tensor.dtype])
+        self._expect(name, tuple(tensor.shape), st_dtype(tensor.dtype))
         self._emit(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     def copy(self, t: TensorInfo, src) -> None:

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from distmerge.errors import OutputError, output_error
-from distmerge.output.owner import debris_name, make_dirs, not_ours, remove_created, sweep_debris
+from distmerge.output.owner import Lease, debris_name, make_dirs, not_ours, remove_created, sweep_debris
 
 
 class Staging:
@@ -29,6 +29,7 @@ class Staging:
         self.parts = self.path / "_parts"
         self._created: list[Path] = []
         self._committed = False
+        self._lease = Lease(self.path)  # so that a run on another host can tell this one is alive
 
     def __enter__(self) -> "Staging":
         try:
@@ -39,6 +40,7 @@ class Staging:
         except OSError as e:
             self.__exit__()
             raise output_error(e, str(self.target.parent), "create the output's staging directory in") from None
+        self._lease.start()
         return self
 
     def commit(self) -> None:
@@ -82,6 +84,7 @@ class Staging:
             shutil.rmtree(old, ignore_errors=True)  # what is left, if anything, a later run removes
 
     def __exit__(self, *exc) -> None:
+        self._lease.stop()
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
             remove_created(self._created)

@@ -1,0 +1,71 @@
+"""What the CLI imports before it needs a tensor.
+
+`import torch` is ~3 s of every `distmerge` process (docs/benchmarks.md), and most commands never
+touch a tensor: `--help`, `methods`, `plan`, a config error, `batch --plan` and a batch whose recipes
+are all up to date. Each runs here in a fresh interpreter that then reports whether torch (or Ray)
+was imported; distmerge takes torch through distmerge._lazy, so a module that imports it eagerly, or
+touches it at import time, fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from distmerge.cli import main
+from tests.test_batch import _write, zoo_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import json, sys\n"
+    "from distmerge.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "except SystemExit as e:\n"
+    "    code = e.code\n"
+    "print(json.dumps({'code': code, 'imported': sorted(m for m in ('torch', 'ray', 'numpy', 'peft', 'transformers')\n"
+    "                                                 if m in sys.modules)}), file=sys.stderr)\n"
+)
+
+
+def _probe(*args: str, cwd: Path) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+    last = done.stderr.strip().splitlines()[-1]
+    doc = json.loads(last)
+    return doc["code"], doc["imported"]
+
+
+def test_commands_that_need_no_tensor_never_import_torch(shelf, tmp_path, capsys):
+    zoo = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert main(["batch", str(zoo)]) == 0  # a real first run, in this process: the outputs exist
+    capsys.readouterr()
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(json.dumps({"adapters": [{"path": str(shelf / "sql")}, {"path": str(shelf / "chat")}],
+                               "merge": {"method": "ties", "density": 0.5},
+                               "output": {"path": str(tmp_path / "out")}}))
+    cases = {
+        "methods": ["methods"],
+        "plan": ["plan", str(cfg)],
+        "config error": ["merge", str(cfg), "merge.methd=ties"],
+        "batch --plan": ["batch", "--plan", str(zoo)],
+        "up-to-date batch": ["batch", str(zoo)],
+    }
+    for what, args in cases.items():
+        code, imported = _probe(*args, cwd=tmp_path)
+        assert code == (2 if what == "config error" else 0), what
+        assert imported == [], f"`distmerge {' '.join(args[:2])}` ({what}) imported {imported}"
+    report = json.loads((tmp_path / "zoo" / "batch_report.json").read_text())
+    assert {r["status"] for r in report["recipes"]} == {"up to date"}
+
+
+def test_a_merge_still_imports_torch_when_it_reads_tensors(shelf, tmp_path):
+    """The other side: the probe sees torch when tensors are read, so the test above can fail."""
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(json.dumps({"adapters": [{"path": str(shelf / "sql")}, {"path": str(shelf / "chat")}],
+                               "runtime": {"executor": "local", "progress": False},
+                               "output": {"path": str(tmp_path / "out")}}))
+    code, imported = _probe("merge", str(cfg), cwd=tmp_path)
+    assert code == 0 and "torch" in imported
