@@ -321,23 +321,42 @@ def _diffusers_metadata(metadata: dict[str, str], file: str, name: str) -> dict[
     return out
 
 
-def _alphas(infos: dict[str, TensorInfo], name: str) -> dict[str, float]:
-    """The scalar alpha tensors' values: a few bytes each, read pinned like every input."""
-    import math
+# scalar alpha dtypes → struct format (BF16 is the high half of an F32)
+_SCALARS = {"F32": "<f", "F64": "<d", "F16": "<e", "BF16": "<f", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+            "U8": "<B"}
 
-    from distmerge.adapters.reader import TensorReader
+
+def _alphas(infos: dict[str, TensorInfo], name: str) -> dict[str, float]:
+    """The scalar alpha tensors' values: a few bytes each, read pinned like every input, without torch (an
+    up-to-date batch imports no torch, tests/test_startup.py)."""
+    import math
+    import struct
+
+    from distmerge.adapters import pin
 
     out = {}
-    with TensorReader() as reader:
+    fds: dict[str, int] = {}
+    try:
         for module, info in infos.items():
-            if math.prod(info.shape) != 1:
-                raise AdapterError(f"adapter {name!r}: {info.file}: {show(info.name)} has shape {list(info.shape)}, "
-                                   f"expected a scalar alpha")
-            value = float(reader.load_raw(info, name).reshape(-1)[0])
+            if math.prod(info.shape) != 1 or info.dtype not in _SCALARS:
+                raise AdapterError(f"adapter {name!r}: {info.file}: {show(info.name)} is {info.dtype} "
+                                   f"{list(info.shape)}, expected a scalar number (alpha)")
+            if info.file not in fds:
+                fds[info.file] = os.open(info.file, os.O_RDONLY)
+                pin.check(fds[info.file], info.file, info.stamp, name)
+            raw = os.pread(fds[info.file], info.nbytes, info.begin)
+            if len(raw) != info.nbytes:
+                raise AdapterError(f"adapter {name!r}: {info.file} ends inside {show(info.name)}; re-save it")
+            value = float(struct.unpack(_SCALARS[info.dtype], b"\0\0" + raw if info.dtype == "BF16" else raw)[0])
             if not (math.isfinite(value) and value > 0):
                 raise AdapterError(f"adapter {name!r}: {info.file}: {show(info.name)} is {value}, expected a "
                                    f"positive finite alpha")
             out[module] = value
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read alphas: {e.strerror or e}") from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return out
 
 

@@ -13,9 +13,8 @@ import os
 from collections import Counter
 from typing import Callable
 
-import torch
-
 from distmerge import lora
+from distmerge._lazy import torch
 from distmerge.adapters.formats import COMPONENTS, DIFFUSERS_FILE, FORMATS, METADATA_KEY
 from distmerge.adapters.header import TensorInfo
 from distmerge.output.assemble import write_files, write_json

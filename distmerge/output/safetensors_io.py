@@ -154,7 +154,7 @@ def write_renamed(path: str, items: Sequence[tuple[str, "TensorInfo | torch.Tens
                   metadata: dict[str, str] | None = None) -> str:
     """A safetensors file of (name, tensor) items: a TensorInfo's bytes are copied undecoded under the new
     name, a small in-memory tensor (a kohya alpha) is written; its sha256."""
-    specs = [Spec(n, t.dtype, t.shape) if isinstance(t, TensorInfo) else Spec(n, ST_DTYPES[t.dtype], tuple(t.shape))
+    specs = [Spec(n, t.dtype, t.shape) if isinstance(t, TensorInfo) else Spec(n, st_dtype(t.dtype), tuple(t.shape))
              for n, t in items]
     with StreamWriter(path, specs, metadata) as w:
         handles: dict[str, object] = {}
