@@ -219,7 +219,9 @@ def _check_same_base(adapters: Sequence[Adapter]) -> None:
                 f"adapter {a.name!r} was trained on {base!r} but adapter {first.name!r} on "
                 f"{first.config['base_model_name_or_path']!r}; LoRA deltas of different base models cannot be "
                 f"merged. If both name the same model, make base_model_name_or_path equal in their "
-                f"adapter_config.json")
+                f"adapter_config.json" + ("" if a.format == first.format == "peft" else
+                                          " (for a kohya file: its ss_base_model_version / modelspec.architecture "
+                                          f"metadata; {a.name!r} is {a.files[0]})"))
     for key in ("fan_in_fan_out",):
         values = {bool(a.config.get(key)) for a in adapters}
         if len(values) > 1:
