@@ -21,7 +21,8 @@ from distmerge._lazy import torch_version
 from distmerge.adapters.adapter import Adapter
 from distmerge.adapters.pin import sha256_pinned
 from distmerge.config.schema import MergeConfig
-from distmerge.output.assemble import file_entries, write_files, write_json
+from distmerge.output.assemble import file_entries, write_json
+from distmerge.output.formats import write_output
 from distmerge.output.manifest import MANIFEST, build_manifest
 from distmerge.output.owner import check_target
 from distmerge.output.staging import Staging
@@ -48,7 +49,7 @@ class MergeResult:
 
 def input_files(adapters: Sequence[Adapter]) -> list[tuple[Adapter, str, object]]:
     """(adapter, file, planned stamp) for every file an adapter's merge depends on."""
-    return [(a, f, a.stamps.get(f)) for a in adapters for f in (*a.files, a.config_file)]
+    return [(a, f, a.stamps.get(f)) for a in adapters for f in a.inputs]
 
 
 def file_sha256(adapter: Adapter, file: str, stamp, hasher: Hasher) -> str:
@@ -75,9 +76,20 @@ def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str,
         "runtime": {"device": cfg.runtime.device, "cpus_per_worker": cfg.runtime.cpus_per_worker},
         "adapters": [{"name": a.name, "weight": a.weight, "from": a.source.get("uri", a.path),
                       **({"hub": a.source["hub"]} if "hub" in a.source else {}),
-                      "files": {os.path.basename(f): hashes[f] for f in (*a.files, a.config_file)}}
-                     for a in adapters],
+                      "files": {os.path.basename(f): hashes[f] for f in a.inputs}, **_format_keys(spec, a)}
+                     for spec, a in zip(cfg.adapters, adapters)],
+        **({"output_format": cfg.output.format} if cfg.output.format else {}),
     }
+
+
+def _format_keys(spec, adapter: Adapter) -> dict:
+    """An input's format and per-module weights, where they differ from a PEFT adapter's defaults (so that
+    recipes written before these keys existed keep their fingerprint)."""
+    keys = {"format": adapter.format} if adapter.format != "peft" else {}
+    for k in ("component", "module_weights", "layer_weights", "block_weights"):
+        if getattr(spec, k, None) is not None:
+            keys[k] = getattr(spec, k)
+    return keys
 
 
 def fingerprint_id(doc: dict) -> str:
@@ -152,20 +164,19 @@ class Job:
         cfg, plan, staging = self.cfg, self.plan, str(self.staging.path)
         results = [self.results[t.index] for t in self.tasks]
         tensors = {t.name: t for r in results for t in r.tensors}
-        hashes = write_files(plan, tensors, staging)
-        write_json(os.path.join(staging, "adapter_config.json"), plan.adapter_config)
         sha = {f: fut.result() for f, fut in self._hashes.items()}
+        recipe = fingerprint(cfg, self.adapters, sha)
+        hashes = write_output(plan, tensors, staging, cfg.output.path, recipe)
         inputs = [{"name": a.name, "path": a.path, "weight": a.weight, **a.source,
                    "files": [{"file": f, "bytes": a.stamps[f].size, "mtime_ns": a.stamps[f].mtime_ns,
                               "ctime_ns": a.stamps[f].ctime_ns,
-                              "sha256": sha[f]} for f in (*a.files, a.config_file)]}
+                              "sha256": sha[f]} for f in a.inputs]}
                   for a in self.adapters]
         for entry, a in zip(inputs, self.adapters):  # for the model card's table of sources
             entry.update(rank=a.config["r"], max_rank=a.max_rank)
         t_done = time.perf_counter()
         seconds = {"plan": round(self._t_plan - self._t0, 4), "merge": round(self._t_merge - self._t_plan, 4),
                    "assemble": round(t_done - self._t_merge, 4), "total": round(t_done - self._t0, 4)}
-        recipe = fingerprint(cfg, self.adapters, sha)
         manifest = build_manifest(cfg, plan, self.tasks, results, inputs, [], executor, seconds, recipe,
                                   fingerprint_id(recipe))
         if cfg.output.model_card:  # from the manifest's content, and listed in its outputs like every file

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from distmerge import lora
+from distmerge.adapters import formats
 from distmerge.adapters.adapter import Adapter
 from distmerge.adapters.header import DTYPE_SIZES, TORCH_TO_ST, TensorInfo
 from distmerge.config.schema import MergeConfig, MergeSpec
@@ -130,6 +131,7 @@ class Plan:
     files: tuple[tuple[str, tuple[str, ...]], ...]  # output file → tensor names, in canonical order
     adapter_config: dict
     spec: MergeSpec
+    out_format: str = "peft"  # adapters/formats.py: how output/formats.py names and files the tensors
 
     @property
     def in_bytes(self) -> int:
@@ -178,6 +180,7 @@ def default_num_tasks(plan: Plan, shard_size: int, parallelism: int) -> int:
 
 def build_plan(cfg: MergeConfig, adapters: Sequence[Adapter]) -> Plan:
     _check_same_base(adapters)
+    out_format = formats.output_format(cfg.output.format, list(adapters))
     requested = cfg.merge.method
     method = registry.get("linear" if len(adapters) == 1 else requested)
     out_dtype = _out_dtype(cfg.output.dtype, adapters)
@@ -191,9 +194,12 @@ def build_plan(cfg: MergeConfig, adapters: Sequence[Adapter]) -> Plan:
     item = DTYPE_SIZES[out_dtype]
     sizes = {p.name: p.nbytes for p in passthrough}
     sizes.update({n: _numel(shape) * item for j in jobs for n, shape in ((j.a_name, j.a_shape), (j.b_name, j.b_shape))})
-    files = _layout(names, sizes, cfg.shard_size_bytes, cfg.output.consolidate)
+    # single-file formats (diffusers, kohya) are always consolidated
+    files = _layout(names, sizes, cfg.shard_size_bytes, cfg.output.consolidate or out_format != "peft")
+    if out_format != "peft":
+        files = ((formats.FORMATS[out_format].file(cfg.output.path), tuple(names)),)
     return Plan(requested, method.name, rank, out_dtype, tuple(jobs), tuple(passthrough), files,
-                adapter_config, cfg.merge)
+                adapter_config, cfg.merge, out_format)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -213,7 +219,9 @@ def _check_same_base(adapters: Sequence[Adapter]) -> None:
                 f"adapter {a.name!r} was trained on {base!r} but adapter {first.name!r} on "
                 f"{first.config['base_model_name_or_path']!r}; LoRA deltas of different base models cannot be "
                 f"merged. If both name the same model, make base_model_name_or_path equal in their "
-                f"adapter_config.json")
+                f"adapter_config.json" + ("" if a.format == first.format == "peft" else
+                                          " (for a kohya file: its ss_base_model_version / modelspec.architecture "
+                                          f"metadata; {a.name!r} is {a.files[0]})"))
     for key in ("fan_in_fan_out",):
         values = {bool(a.config.get(key)) for a in adapters}
         if len(values) > 1:
@@ -243,8 +251,9 @@ def _job(name: str, pairs: list, method, spec: MergeSpec, nominal_svd: int, out_
                 or mod.b.shape[0] != first.b.shape[0] or mod.b.shape[2:] != first.b.shape[2:]):
             raise AdapterError(
                 f"module {name!r}: adapter {a.name!r} has lora_A {list(mod.a.shape)} / lora_B {list(mod.b.shape)} "
-                f"but adapter {first_a.name!r} has {list(first.a.shape)} / {list(first.b.shape)}; the adapters "
-                f"must come from the same base model architecture")
+                f"({mod.a.name!r} in {mod.a.file}) but adapter {first_a.name!r} has {list(first.a.shape)} / "
+                f"{list(first.b.shape)} ({first.a.name!r} in {first.a.file}); the adapters must come from the "
+                f"same base model architecture")
     ranks = [mod.rank for _, mod in pairs]
     m, n = first.b.shape[0], _numel(first.a.shape[1:])
     if method.rank_rule == RANK_SAME:
@@ -268,7 +277,8 @@ def _job(name: str, pairs: list, method, spec: MergeSpec, nominal_svd: int, out_
     # the worker's float32 input buffer, the method's temporaries, the result cast to the output dtype
     in_f32 = 4 * sum(mod.a.numel + mod.b.numel for _, mod in pairs)
     work = in_f32 + method.work(m, n, ranks, rank, spec) + out_bytes
-    sources = tuple(Source(a.index, a.name, mod.a, mod.b, mod.rank, mod.scaling, a.weight) for a, mod in pairs)
+    sources = tuple(Source(a.index, a.name, mod.a, mod.b, mod.rank, mod.scaling, a.weight * mod.multiplier)
+                    for a, mod in pairs)
     return ModuleJob(
         module=name, embedding=first.embedding, rank=rank,
         a_name=lora.factor_key(name, "A", first.embedding), b_name=lora.factor_key(name, "B", first.embedding),

@@ -1,6 +1,7 @@
 """Input adapters: discover a directory, parse its LoraConfig, read headers, load tensors lazily."""
 
-from distmerge.adapters.adapter import Adapter, LoraModule, open_adapter
+from distmerge.adapters.adapter import Adapter, LoraModule
+from distmerge.adapters.formats import open_adapter
 from distmerge.adapters.header import TensorInfo, read_header
 from distmerge.adapters.reader import TensorReader
 

@@ -43,6 +43,7 @@ class LoraModule:
     rank: int
     alpha: float
     scaling: float
+    multiplier: float = 1.0  # module_weights / layer_weights / block_weights: multiplies the adapter's weight
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class Adapter:
     stamps: dict[str, Stamp] = field(default_factory=dict, repr=False)  # every file read, as planned
     source: dict = field(default_factory=dict)  # where it came from: the path as given, Hub repo and commit
     known_sha256: Callable[[str], Optional[str]] = field(default=lambda path: None, repr=False, compare=False)
+    format: str = "peft"  # its entry in adapters/formats.py
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every file the merge depends on: the weights, and the config where the format has one."""
+        return (*self.files, self.config_file) if self.config_file else self.files
 
     @property
     def nbytes(self) -> int:
@@ -75,8 +82,8 @@ class Adapter:
         return {t.dtype for m in self.modules.values() for t in (m.a, m.b)}
 
 
-def open_adapter(spec: AdapterSpec, index: int, root: str | None = None) -> Adapter:
-    """Read an adapter directory's config and safetensors headers; refuse what cannot merge correctly.
+def open_peft(spec: AdapterSpec, index: int, root: str | None = None) -> Adapter:
+    """Read a PEFT adapter directory's config and safetensors headers; refuse what cannot merge correctly.
 
     Every file read must resolve inside `root` (default: the adapter directory itself); a Hub cache
     passes the repo's cache folder, whose snapshot files are symlinks into its blobs.

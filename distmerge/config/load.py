@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distmerge.adapters import formats, weights
 from distmerge.config import schema
 from distmerge.config.schema import AdapterSpec, MergeConfig, MergeSpec, OutputSpec, RuntimeSpec
 from distmerge.config.units import parse_size
@@ -207,6 +208,7 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
         spec = build_section(AdapterSpec, item, where, p)
         if spec is None:
             continue
+        spec = _check_format_keys(spec, where, p)
         from distmerge.sources import kind_of  # imported here: sources import the config's schema
 
         kind = kind_of(spec.path)
@@ -219,19 +221,31 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
             specs.append(spec)
             continue
         path = Path(spec.path).expanduser()
-        if os.path.realpath(path) in pending:
-            pass
-        elif not path.is_dir():
-            p.append(f"{where}.path: adapter directory {spec.path!r} does not exist; "
-                     f"point it at a directory holding adapter_config.json")
-        elif not (path / "adapter_config.json").is_file():
-            p.append(f"{where}.path: {spec.path!r} has no adapter_config.json; "
-                     f"is it a PEFT adapter saved with save_pretrained?")
+        problem = None if os.path.realpath(path) in pending else formats.path_problem(str(path), spec.format)
+        if problem:
+            p.append(f"{where}.path: {problem}")
         if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
             p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
         specs.append(dataclasses.replace(spec, path=os.path.realpath(path)))
     _name_adapters(specs, p)
     return [s for s in specs]
+
+
+def _check_format_keys(spec: AdapterSpec, where: str, p: list[str]) -> AdapterSpec:
+    """format and the per-module weight keys (adapters/formats.py, adapters/weights.py); module_weights
+    normalized to ordered (pattern, factor) pairs."""
+    if spec.format is not None and spec.format not in formats.names():
+        p.append(f"{where}.format: expected one of {', '.join(formats.names())} or null (detected), "
+                 f"got {spec.format!r}{suggest(spec.format, formats.names())}")
+    if spec.component is not None and spec.component not in formats.COMPONENTS:
+        p.append(f"{where}.component: expected one of {', '.join(formats.COMPONENTS)} or null, got "
+                 f"{spec.component!r}{suggest(spec.component, formats.COMPONENTS)}")
+    found = [f"{where}.{problem}" for problem in weights.problems(spec)]
+    p.extend(found)
+    if found:
+        return spec
+    return dataclasses.replace(spec, module_weights=weights.normalize_module_weights(spec.module_weights),
+                               layer_weights=None if spec.layer_weights is None else tuple(spec.layer_weights))
 
 
 def _name_adapters(specs: list[AdapterSpec], p: list[str]) -> None:
@@ -303,6 +317,9 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
     if not o.path:
         p.append("output.path: must name the directory to create, e.g. ./merged")
         return o
+    if o.format is not None and o.format not in formats.names():
+        p.append(f"output.format: expected one of {', '.join(formats.names())} or null (the inputs' format), "
+                 f"got {o.format!r}{suggest(o.format, formats.names())}")
     if o.dtype is not None and o.dtype not in schema.DTYPES:
         p.append(f"output.dtype: expected one of {', '.join(schema.DTYPES)} or null, "
                  f"got {o.dtype!r}{suggest(o.dtype, schema.DTYPES)}")

@@ -15,6 +15,17 @@ class AdapterSpec:
     path: str
     weight: float = 1.0
     name: Optional[str] = None  # default: the directory's name
+    # peft | diffusers | kohya (adapters/formats.py); null: detected from the files' keys
+    format: Optional[str] = None
+    # a PEFT directory's pipeline component (unet, text_encoder, ...): its modules are named as diffusers'
+    # (unet.<module>), so it merges with diffusers and kohya LoRAs and converts to their formats
+    component: Optional[str] = None
+    # ordered {regex: factor}, searched in module names: the first match multiplies weight for that module
+    module_weights: Optional[Union[dict, list, tuple]] = None
+    # values interpolated linearly over the layer index (mergekit's gradients), multiplying weight
+    layer_weights: Optional[Union[list, tuple]] = None
+    # diffusers' set_adapters block-scale dict ({"unet": {"down": .., "mid": .., "up": ..}, "text_encoder": ..})
+    block_weights: Optional[Union[float, dict]] = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class OutputSpec:
     shard_size: Union[str, int] = "2GB"  # "2GB", "500MiB" or a number of bytes
     consolidate: bool = True
     overwrite: bool = False
+    format: Optional[str] = None  # peft | diffusers | kohya; null: the inputs' format when they agree, else peft
     model_card: bool = True  # README.md: what was merged and how to load it (distmerge/publish/card.py)
     push_to_hub: Optional[str] = None  # ORG/NAME: upload the finished output in one commit
     hub_private: bool = False  # a repo push_to_hub creates is private

@@ -12,11 +12,12 @@ from distmerge.output.safetensors_io import copy_tensors, sha256_file
 from distmerge.plan import INDEX_FILE, SINGLE_FILE, Plan
 
 
-def write_files(plan: Plan, tensors: dict[str, TensorInfo], dest: str) -> dict[str, str]:
+def write_files(plan: Plan, tensors: dict[str, TensorInfo], dest: str,
+                metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write the plan's output files from the parts' byte ranges; {file name: sha256}."""
     hashes = {}
     for fname, names in plan.files:
-        hashes[fname] = copy_tensors(os.path.join(dest, fname), [tensors[n] for n in names])
+        hashes[fname] = copy_tensors(os.path.join(dest, fname), [tensors[n] for n in names], metadata)
     if len(plan.files) > 1 or plan.files[0][0] != SINGLE_FILE:
         write_index(dest, {n: fname for fname, names in plan.files for n in names},
                     sum(tensors[n].nbytes for _, names in plan.files for n in names))
@@ -45,11 +46,12 @@ def consolidate(directory: str) -> str:
     with open(os.path.join(directory, INDEX_FILE)) as f:
         weight_map = json.load(f)["weight_map"]
     shards = sorted(set(weight_map.values()))
-    tensors = {}
+    tensors, metadata = {}, None
     for shard in shards:
-        found, _ = read_header(os.path.join(directory, shard))
+        found, meta = read_header(os.path.join(directory, shard))
         tensors.update(found)
-    sha = copy_tensors(os.path.join(directory, SINGLE_FILE), [tensors[n] for n in sorted(weight_map)])
+        metadata = metadata or meta  # every shard carries the same recipe (output/formats.py)
+    sha = copy_tensors(os.path.join(directory, SINGLE_FILE), [tensors[n] for n in sorted(weight_map)], metadata)
     for shard in shards:
         os.remove(os.path.join(directory, shard))
     os.remove(os.path.join(directory, INDEX_FILE))

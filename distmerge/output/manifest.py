@@ -58,7 +58,7 @@ def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], res
         "fingerprint": fingerprint,
         "recipe": recipe,
         "method": {"requested": plan.requested_method, "used": plan.method, "rank": plan.rank,
-                   "output_dtype": plan.out_dtype},
+                   "output_dtype": plan.out_dtype, "output_format": plan.out_format},
         "executor": executor,
         "seconds": seconds,
         "worker_seconds": {k: round(v, 4) for k, v in sorted(phases.items())},  # summed over shards

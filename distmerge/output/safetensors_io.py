@@ -7,6 +7,7 @@ worker parts become output shards and how shards are consolidated into one file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -147,3 +148,25 @@ def copy_tensors(path: str, tensors: Iterable[TensorInfo], metadata: dict[str, s
 def sha256_file(path: str) -> str:
     with open(path, "rb", buffering=0) as f:
         return sha256_stream(f)
+
+
+def write_renamed(path: str, items: Sequence[tuple[str, "TensorInfo | torch.Tensor"]],
+                  metadata: dict[str, str] | None = None) -> str:
+    """A safetensors file of (name, tensor) items: a TensorInfo's bytes are copied undecoded under the new
+    name, a small in-memory tensor (a kohya alpha) is written; its sha256."""
+    specs = [Spec(n, t.dtype, t.shape) if isinstance(t, TensorInfo) else Spec(n, st_dtype(t.dtype), tuple(t.shape))
+             for n, t in items]
+    with StreamWriter(path, specs, metadata) as w:
+        handles: dict[str, object] = {}
+        try:
+            for n, t in items:
+                if isinstance(t, TensorInfo):
+                    if t.file not in handles:
+                        handles[t.file] = open(t.file, "rb")
+                    w.copy(dataclasses.replace(t, name=n), handles[t.file])
+                else:
+                    w.write(n, t)
+        finally:
+            for h in handles.values():
+                h.close()
+        return w.close()

@@ -106,7 +106,8 @@ def build_card(manifest: dict, adapter_config: dict) -> ModelCard:
         _sources(manifest["inputs"]),
         _method(manifest),
         _stats(manifest.get("modules") or {}),
-        _usage(adapter_config),
+        _usage(adapter_config) if manifest["method"].get("output_format", "peft") == "peft" else
+        _diffusion_usage(manifest["method"]["output_format"]),
         _config(manifest["config"]),
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -218,6 +219,17 @@ def _usage(adapter_config: dict) -> str:
             f"base = {auto}.from_pretrained({base!r})\n"
             f"model = PeftModel.from_pretrained(base, \"ORG/NAME\")  # this repo; or the local directory\n```\n\n"
             + vllm)
+
+
+def _diffusion_usage(fmt: str) -> str:
+    """A diffusers or kohya file: the pipeline loads it alone (the merged factors carry every weight)."""
+    file = "pytorch_lora_weights.safetensors" if fmt == "diffusers" else "NAME.safetensors"
+    where = "this repo, or the local directory" + ("" if fmt == "diffusers" else "; NAME.safetensors: its kohya file")
+    return (f"## Use\n\nThis is a {fmt}-format LoRA. With diffusers, on the pipeline of its base model:\n\n"
+            f"```python\npipe.load_lora_weights(\"ORG/NAME\", weight_name=\"{file}\")  # {where}\n"
+            f"pipe.fuse_lora()  # optional: fold it into the weights\n```\n\n"
+            f"It equals the inputs loaded together, weighted with set_adapters and fused, for method cat; other "
+            f"methods approximate that sum with a smaller rank.\n")
 
 
 def _config(config: dict) -> str:
