@@ -247,6 +247,18 @@ def test_config_errors(tmp_path, loras):
         assert needle in text, (needle, text)
 
 
+def test_a_block_scale_dict_as_the_weight_means_block_weights(tmp_path, loras):
+    """set_adapters takes the block-scale dict in the weight's place; a config may too."""
+    path = str(loras["peft"][0])
+    scales = {"unet": {"down": 0.9, "up": {"block_0": 0.6}}, "text_encoder": 0.5}
+    out = {"path": str(tmp_path / "o")}
+    as_weight = load_config({"adapters": [{"path": path, "weight": scales}], "output": out})
+    as_key = load_config({"adapters": [{"path": path, "block_weights": scales}], "output": out})
+    assert as_weight.adapters == as_key.adapters and as_weight.adapters[0].weight == 1.0
+    with pytest.raises(ConfigError, match=r"adapters\[0\]\.weight: a block-scale dict here means block_weights"):
+        load_config({"adapters": [{"path": path, "weight": scales, "block_weights": scales}]})
+
+
 def test_layer_interpolation_is_mergekits():
     keys = {f"m.layers.{i}.q": f"m.layers.{i}.q" for i in range(5)} | {"m.norm": "m.norm"}
     got = weights.layer_factors([0.0, 1.0, 0.0], keys)

@@ -205,6 +205,12 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
         if not isinstance(item, Mapping) or "path" not in item:
             p.append(f"{where}: expected a mapping with a path, e.g. {{path: ./adapters/sql, weight: 0.5}}")
             continue
+        if isinstance(item.get("weight"), Mapping):  # set_adapters' form: a block-scale dict in the weight's place
+            if item.get("block_weights") is not None:
+                p.append(f"{where}.weight: a block-scale dict here means block_weights, which is set too; give "
+                         f"one of them")
+                continue
+            item = {**item, "weight": 1.0, "block_weights": item["weight"]}
         spec = build_section(AdapterSpec, item, where, p)
         if spec is None:
             continue
