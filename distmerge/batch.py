@@ -377,12 +377,7 @@ class Batch:
             if not (wait or future.done()):
                 continue
             del self._uploads[name]
-            try:
-                future.result()
-            except Exception as e:  # not the Hub's refusal (push_output words those): say what it was
-                self._unpushed.add(name)
-                outcome.status = FAILED
-                outcome.reason = f"the upload failed with {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            future.result()  # _push records its own failure in the outcome
             self._record(outcome)
 
     @staticmethod
@@ -398,9 +393,12 @@ class Batch:
         try:
             outcome.hub = push_output(cfg.output, outcome.path)
             outcome.reason = f"{outcome.reason}; {describe(outcome.hub)}"
-        except DistmergeError as e:
+        except Exception as e:  # the Hub's refusals come worded (DistmergeError); anything else is said as it is
             self._unpushed.add(outcome.recipe)
-            outcome.status, outcome.reason = FAILED, str(e)
+            outcome.status = FAILED
+            outcome.reason = str(e) if isinstance(e, DistmergeError) else (
+                f"the upload of the complete output at {outcome.path} failed with {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}; retry with: distmerge push {outcome.path} {cfg.output.push_to_hub}")
 
     def failed(self, task: ShardTask, error: Exception) -> None:
         job = self._jobs.pop(task.job, None)

@@ -470,6 +470,19 @@ def test_a_failed_push_fails_its_recipe_alone(shelf, tmp_path, capsys, hub):
     assert code == 0 and len(hub.names("upload_folder")) == 2
 
 
+def test_an_unexpected_upload_error_fails_its_recipe_with_the_retry(shelf, tmp_path, capsys, hub, monkeypatch):
+    """A bug after the upload (not a Hub refusal, which push words itself) fails that recipe alone."""
+    def broken_record(*args, **kwargs):
+        raise RuntimeError("stand-in bug")
+
+    monkeypatch.setattr(hub_module, "record", broken_record)
+    zoo = _write(tmp_path, _zoo(shelf, tmp_path / "zoo"), "zoo.yaml")
+    code, _, report = _batch(capsys, zoo)
+    assert code == 2 and {n: r["status"] for n, r in report.items()} == {"bot": "failed", "code": "failed",
+                                                                         "mix": "merged"}
+    assert "RuntimeError" in report["bot"]["reason"] and "distmerge push" in report["bot"]["reason"]
+
+
 def test_two_recipes_pushing_to_one_branch_are_refused(shelf, tmp_path):
     doc = _zoo(shelf, tmp_path / "zoo")
     doc["recipes"][1]["output"]["push_to_hub"] = "my-org/bot"
