@@ -331,3 +331,33 @@ def test_fingerprint_sees_format_and_weights(adapter_sets, tmp_path, loras):
     src = loras["unet_only"][0]
     assert doc(src)["adapters"][0]["format"] == "diffusers"
     assert fingerprint_id(doc(src, block_weights={"text_encoder": 0.5})) != fingerprint_id(doc(src))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("unet.alpha_pattern", {"proj_in": "x"}, "unet.alpha_pattern['proj_in']='x', expected a positive finite number"),
+    ("unet.alpha_pattern", {"proj_in": float("nan")}, "expected a positive finite number"),
+    ("unet.alpha_pattern", {"proj_in": -2}, "unet.alpha_pattern['proj_in']=-2"),
+    ("unet.rank_pattern", {"proj_in": 2.5}, "unet.rank_pattern['proj_in']=2.5, expected a positive integer"),
+    ("unet.rank_pattern", {"proj_in": True}, "expected a positive integer"),
+])
+def test_bad_pattern_values_in_diffusers_metadata_are_refused(tmp_path, capsys, key, value, needle):
+    """lora_adapter_metadata's rank_pattern/alpha_pattern values are the file's: a bad one is an AdapterError
+    naming the file, the key and the value (exit 2), not an internal error."""
+    import yaml
+
+    from distmerge.cli import main
+
+    module = "unet.down_blocks.0.attentions.0.proj_in"
+    meta = {"unet.r": 2, "unet.lora_alpha": 2, key: value}
+    f = _save(tmp_path / "in" / "pytorch_lora_weights.safetensors",
+              {f"{module}.lora_A.weight": torch.randn(2, 32), f"{module}.lora_B.weight": torch.randn(32, 2)},
+              {"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(AdapterError) as e:
+        _merge(tmp_path, [{"path": str(f)}])
+    assert needle in str(e.value) and str(f) in str(e.value) and "re-save" in str(e.value)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"adapters": [{"path": str(f)}], "output": {"path": str(tmp_path / "out")},
+                                   "runtime": {"executor": "local", "progress": False}}))
+    assert main(["merge", str(cfg)]) == 2
+    assert "internal error" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

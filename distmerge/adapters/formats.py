@@ -309,16 +309,29 @@ def _diffusers_metadata(metadata: dict[str, str], file: str, name: str) -> dict[
                                f"magnitude vectors cannot be merged as LoRA factors")
         for key, integer in (("r", True), ("lora_alpha", False)):
             v = cfg.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                      and (not integer or isinstance(v, int))):
+            if v is not None and not _positive(v, integer):
                 raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}={show(v)}, "
                                    f"expected a positive {'integer' if integer else 'number'}")
-        for key in ("rank_pattern", "alpha_pattern"):
+        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             v = cfg.get(key)
             if v is not None and not (isinstance(v, dict) and all(lora.valid_pattern(p) for p in v)):
                 raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}={show(v)}, "
                                    f"expected an object of module regex → value")
+            for pattern, value in (v or {}).items():  # a bad value is the file's fault, not an internal error
+                if not _positive(value, integer):
+                    raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}"
+                                       f"[{show(pattern)}]={show(value)}, expected a positive "
+                                       f"{'integer' if integer else 'finite number'}; fix or remove that entry "
+                                       f"and re-save the LoRA")
     return out
+
+
+def _positive(v: Any, integer: bool) -> bool:
+    """A positive finite number (JSON's bools are not numbers); an int where `integer`."""
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            and (not integer or isinstance(v, int)))
 
 
 # scalar alpha dtypes → struct format (BF16 is the high half of an F32)
