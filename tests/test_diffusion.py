@@ -361,3 +361,20 @@ def test_bad_pattern_values_in_diffusers_metadata_are_refused(tmp_path, capsys, 
     assert main(["merge", str(cfg)]) == 2
     assert "internal error" not in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zoo_glob_takes_kohya_files(tmp_path):
+    """glob: /loras/*.safetensors over single-file LoRAs expands to one adapter per file, as directories do."""
+    from distmerge.config.zoo import load_zoo
+
+    shelf = tmp_path / "loras"
+    files = [_save(shelf / f"{n}.safetensors", _kohya_pair()) for n in ("a", "b")]
+    (shelf / "notes.txt").write_text("not a LoRA")
+    doc = {"output_root": str(tmp_path / "zoo"), "defaults": {"runtime": {"executor": "local", "progress": False}},
+           "recipes": [{"name": "both", "adapters": {"glob": str(shelf / "*"), "weight": "equal"},
+                        "merge": {"method": "linear"}, "output": {"model_card": False}}]}
+    (tmp_path / "zoo.yaml").write_text(json.dumps(doc))
+    cfg = load_zoo(tmp_path / "zoo.yaml").get("both").config
+    assert [(a.path, a.weight) for a in cfg.adapters] == [(str(f), 0.5) for f in files]
+    result = distmerge.merge(cfg)
+    assert (Path(result.path) / "both.safetensors").is_file()  # kohya in, kohya out
