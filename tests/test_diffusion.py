@@ -378,3 +378,26 @@ def test_a_zoo_glob_takes_kohya_files(tmp_path):
     assert [(a.path, a.weight) for a in cfg.adapters] == [(str(f), 0.5) for f in files]
     result = distmerge.merge(cfg)
     assert (Path(result.path) / "both.safetensors").is_file()  # kohya in, kohya out
+
+
+def test_a_block_scale_the_adapters_attentions_cannot_place_is_refused(tmp_path):
+    """distmerge counts a block's transformer layers from the adapter's attention modules (diffusers asks the
+    model): a scale on a block where the adapter has modules but no attention, or a per-layer list longer than
+    the adapted attentions, cannot be placed as set_adapters would place it, so it is refused, not read as 1.0."""
+    names = [f"unet.up_blocks.0.resnets.{j}.conv1" for j in range(2)] + \
+        [f"unet.up_blocks.1.attentions.{j}.proj_in" for j in range(2)] + ["unet.up_blocks.1.resnets.1.conv1"]
+    keys = {n: n for n in names}
+    with pytest.raises(ValueError, match="block_weights.unet.up scales up_blocks.0, where the adapter adapts "
+                                         "modules but no attention module; distmerge infers"):
+        weights.block_factors({"unet": {"up": 0.5}}, keys)
+    with pytest.raises(ValueError, match="scales up_blocks.0"):
+        weights.block_factors({"unet": {"up": {"block_0": [0.5]}}}, keys)
+    with pytest.raises(ValueError, match="block_1 has 3 values, but the adapter has 2 transformer layers"):
+        weights.block_factors({"unet": {"up": {"block_1": [0.5, 0.6, 0.7]}}}, keys)
+    got = weights.block_factors({"unet": {"up": {"block_0": 1.0, "block_1": [0.5, 0.6]}, "down": 0.3}}, keys)
+    assert got == {**{n: 1.0 for n in names[:2]}, names[2]: 0.5, names[3]: 0.6, names[4]: 0.6}
+    f = _save(tmp_path / "in" / "resnets.safetensors", _kohya_pair("lora_unet_up_blocks_0_resnets_0_time_emb_proj"))
+    with pytest.raises(AdapterError) as e:
+        _merge(tmp_path, [{"path": str(f), "name": "res", "block_weights": {"unet": {"up": 0.5}}}])
+    assert str(e.value).startswith("adapter 'res': block_weights.unet.up scales up_blocks.0")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
