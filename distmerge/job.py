@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from distmerge._lazy import torch_version
+from distmerge.adapters import formats
 from distmerge.adapters.adapter import Adapter
 from distmerge.adapters.pin import sha256_pinned
 from distmerge.config.schema import MergeConfig
@@ -85,7 +86,7 @@ def fingerprint(cfg: MergeConfig, adapters: Sequence[Adapter], hashes: dict[str,
 def _format_keys(spec, adapter: Adapter) -> dict:
     """An input's format and per-module weights, where they differ from a PEFT adapter's defaults (so that
     recipes written before these keys existed keep their fingerprint)."""
-    keys = {"format": adapter.format} if adapter.format != "peft" else {}
+    keys = {"format": adapter.format} if adapter.format != formats.DEFAULT else {}
     for k in ("component", "module_weights", "layer_weights", "block_weights"):
         if getattr(spec, k, None) is not None:
             keys[k] = getattr(spec, k)

@@ -194,10 +194,10 @@ def build_plan(cfg: MergeConfig, adapters: Sequence[Adapter]) -> Plan:
     item = DTYPE_SIZES[out_dtype]
     sizes = {p.name: p.nbytes for p in passthrough}
     sizes.update({n: _numel(shape) * item for j in jobs for n, shape in ((j.a_name, j.a_shape), (j.b_name, j.b_shape))})
-    # single-file formats (diffusers, kohya) are always consolidated
-    files = _layout(names, sizes, cfg.shard_size_bytes, cfg.output.consolidate or out_format != "peft")
-    if out_format != "peft":
-        files = ((formats.FORMATS[out_format].file(cfg.output.path), tuple(names)),)
+    single = formats.FORMATS[out_format].file  # a single-file format (diffusers, kohya) is always consolidated
+    files = _layout(names, sizes, cfg.shard_size_bytes, cfg.output.consolidate or single is not None)
+    if single is not None:
+        files = ((single(cfg.output.path), tuple(names)),)
     return Plan(requested, method.name, rank, out_dtype, tuple(jobs), tuple(passthrough), files,
                 adapter_config, cfg.merge, out_format)
 

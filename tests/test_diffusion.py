@@ -331,3 +331,73 @@ def test_fingerprint_sees_format_and_weights(adapter_sets, tmp_path, loras):
     src = loras["unet_only"][0]
     assert doc(src)["adapters"][0]["format"] == "diffusers"
     assert fingerprint_id(doc(src, block_weights={"text_encoder": 0.5})) != fingerprint_id(doc(src))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("unet.alpha_pattern", {"proj_in": "x"}, "unet.alpha_pattern['proj_in']='x', expected a positive finite number"),
+    ("unet.alpha_pattern", {"proj_in": float("nan")}, "expected a positive finite number"),
+    ("unet.alpha_pattern", {"proj_in": -2}, "unet.alpha_pattern['proj_in']=-2"),
+    ("unet.rank_pattern", {"proj_in": 2.5}, "unet.rank_pattern['proj_in']=2.5, expected a positive integer"),
+    ("unet.rank_pattern", {"proj_in": True}, "expected a positive integer"),
+])
+def test_bad_pattern_values_in_diffusers_metadata_are_refused(tmp_path, capsys, key, value, needle):
+    """lora_adapter_metadata's rank_pattern/alpha_pattern values are the file's: a bad one is an AdapterError
+    naming the file, the key and the value (exit 2), not an internal error."""
+    import yaml
+
+    from distmerge.cli import main
+
+    module = "unet.down_blocks.0.attentions.0.proj_in"
+    meta = {"unet.r": 2, "unet.lora_alpha": 2, key: value}
+    f = _save(tmp_path / "in" / "pytorch_lora_weights.safetensors",
+              {f"{module}.lora_A.weight": torch.randn(2, 32), f"{module}.lora_B.weight": torch.randn(32, 2)},
+              {"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(AdapterError) as e:
+        _merge(tmp_path, [{"path": str(f)}])
+    assert needle in str(e.value) and str(f) in str(e.value) and "re-save" in str(e.value)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"adapters": [{"path": str(f)}], "output": {"path": str(tmp_path / "out")},
+                                   "runtime": {"executor": "local", "progress": False}}))
+    assert main(["merge", str(cfg)]) == 2
+    assert "internal error" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zoo_glob_takes_kohya_files(tmp_path):
+    """glob: /loras/*.safetensors over single-file LoRAs expands to one adapter per file, as directories do."""
+    from distmerge.config.zoo import load_zoo
+
+    shelf = tmp_path / "loras"
+    files = [_save(shelf / f"{n}.safetensors", _kohya_pair()) for n in ("a", "b")]
+    (shelf / "notes.txt").write_text("not a LoRA")
+    doc = {"output_root": str(tmp_path / "zoo"), "defaults": {"runtime": {"executor": "local", "progress": False}},
+           "recipes": [{"name": "both", "adapters": {"glob": str(shelf / "*"), "weight": "equal"},
+                        "merge": {"method": "linear"}, "output": {"model_card": False}}]}
+    (tmp_path / "zoo.yaml").write_text(json.dumps(doc))
+    cfg = load_zoo(tmp_path / "zoo.yaml").get("both").config
+    assert [(a.path, a.weight) for a in cfg.adapters] == [(str(f), 0.5) for f in files]
+    result = distmerge.merge(cfg)
+    assert (Path(result.path) / "both.safetensors").is_file()  # kohya in, kohya out
+
+
+def test_a_block_scale_the_adapters_attentions_cannot_place_is_refused(tmp_path):
+    """distmerge counts a block's transformer layers from the adapter's attention modules (diffusers asks the
+    model): a scale on a block where the adapter has modules but no attention, or a per-layer list longer than
+    the adapted attentions, cannot be placed as set_adapters would place it, so it is refused, not read as 1.0."""
+    names = [f"unet.up_blocks.0.resnets.{j}.conv1" for j in range(2)] + \
+        [f"unet.up_blocks.1.attentions.{j}.proj_in" for j in range(2)] + ["unet.up_blocks.1.resnets.1.conv1"]
+    keys = {n: n for n in names}
+    with pytest.raises(ValueError, match="block_weights.unet.up scales up_blocks.0, where the adapter adapts "
+                                         "modules but no attention module; distmerge infers"):
+        weights.block_factors({"unet": {"up": 0.5}}, keys)
+    with pytest.raises(ValueError, match="scales up_blocks.0"):
+        weights.block_factors({"unet": {"up": {"block_0": [0.5]}}}, keys)
+    with pytest.raises(ValueError, match="block_1 has 3 values, but the adapter has 2 transformer layers"):
+        weights.block_factors({"unet": {"up": {"block_1": [0.5, 0.6, 0.7]}}}, keys)
+    got = weights.block_factors({"unet": {"up": {"block_0": 1.0, "block_1": [0.5, 0.6]}, "down": 0.3}}, keys)
+    assert got == {**{n: 1.0 for n in names[:2]}, names[2]: 0.5, names[3]: 0.6, names[4]: 0.6}
+    f = _save(tmp_path / "in" / "resnets.safetensors", _kohya_pair("lora_unet_up_blocks_0_resnets_0_time_emb_proj"))
+    with pytest.raises(AdapterError) as e:
+        _merge(tmp_path, [{"path": str(f), "name": "res", "block_weights": {"unet": {"up": 0.5}}}])
+    assert str(e.value).startswith("adapter 'res': block_weights.unet.up scales up_blocks.0")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -498,3 +498,19 @@ def test_readme_documents_the_keys():
                 "hub_commit_message:", "## Publish to the Hub", "distmerge push"):
         assert key in readme, key
 
+
+
+def test_diffusion_cards_name_the_file_and_do_not_say_every_method_approximates():
+    """The loading snippet comes from the format table; ties/dare/della/breadcrumbs prune, so the card does not
+    say that every method approximates the cat sum."""
+    from distmerge.adapters.formats import DIFFUSERS_FILE
+    from distmerge.publish.card import _usage_of
+
+    diffusers, kohya, peft = (_usage_of(f, {"base_model_name_or_path": "m"}) for f in ("diffusers", "kohya", "peft"))
+    assert f'weight_name="{DIFFUSERS_FILE}")  # this repo, or the local directory\n' in diffusers
+    assert 'weight_name="NAME.safetensors")  # this repo, or the local directory; NAME.safetensors: its kohya ' \
+           'file\n' in kohya
+    for card in (diffusers, kohya):
+        assert "approximate" not in card and "other methods merge as their method says, usually at a smaller " \
+               "rank" in card
+    assert "PeftModel.from_pretrained" in peft and "load_lora_weights" not in peft

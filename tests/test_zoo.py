@@ -82,7 +82,7 @@ def test_every_refusal_at_once(shelf, tmp_path):
         load_zoo(_zoo(tmp_path, doc))
     text = "\n".join(e.value.problems)
     assert "recipes 'a' → 'b' → 'a' form a cycle" in text
-    assert "recipe 'c': adapters[0].glob" in text and "matches no directory" in text
+    assert "recipe 'c': adapters[0].glob" in text and "matches no adapter directory or .safetensors file" in text
     assert "recipe 'd': adapters[0].recipe: no recipe is named 'supprt-bot'" in text
     assert "recipes 'e' and 'f' both write" in text
     assert "recipe 'g': runtime: one pool runs the whole batch" in text

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from distmerge import lora
 from distmerge.adapters import weights
@@ -63,7 +63,12 @@ class Format:
     detect: Callable[[list[str]], bool]  # from a file's keys
     parse: Optional[Callable[[str], Optional[tuple[str, str]]]]  # key → (internal module, A|B|alpha); None: PEFT
     key: Optional[Callable[[str, str], str]]  # (internal module, A|B|alpha) → the key written
-    file: Optional[Callable[[str], str]] = None  # the single output file's name, from the output directory
+    # the single output file's name, from the output directory (always consolidated); None: a PEFT directory,
+    # sharded as output.shard_size says, with adapter_config.json
+    file: Optional[Callable[[str], str]] = None
+    pipeline: bool = False  # its modules carry diffusers' pipeline names (<component>.<module>), for diffusers
+    # the pipeline components it can name on write; None: any of COMPONENTS (peft: one, as that model's adapter)
+    components: Optional[tuple[str, ...]] = None
 
 
 def unflatten(path: str) -> str:
@@ -110,12 +115,14 @@ def _diffusers_key(module: str, role: str) -> str:
     return f"{module}.alpha" if role == "alpha" else lora.factor_key(module, role, False)
 
 
+DEFAULT = "peft"  # an input's format unless its files say otherwise; the output's when the inputs disagree
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("peft", lambda keys: False, None, None),
     Format("diffusers", lambda keys: any(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys),
-           _diffusers_parse, _diffusers_key, lambda out: DIFFUSERS_FILE),
+           _diffusers_parse, _diffusers_key, lambda out: DIFFUSERS_FILE, pipeline=True),
     Format("kohya", lambda keys: any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys),
-           _kohya_parse, _kohya_key, lambda out: f"{Path(out).name}.safetensors"),
+           _kohya_parse, _kohya_key, lambda out: f"{Path(out).name}.safetensors", pipeline=True,
+           components=tuple(KOHYA_OF)),
 )}
 
 
@@ -309,16 +316,29 @@ def _diffusers_metadata(metadata: dict[str, str], file: str, name: str) -> dict[
                                f"magnitude vectors cannot be merged as LoRA factors")
         for key, integer in (("r", True), ("lora_alpha", False)):
             v = cfg.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                      and (not integer or isinstance(v, int))):
+            if v is not None and not _positive(v, integer):
                 raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}={show(v)}, "
                                    f"expected a positive {'integer' if integer else 'number'}")
-        for key in ("rank_pattern", "alpha_pattern"):
+        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             v = cfg.get(key)
             if v is not None and not (isinstance(v, dict) and all(lora.valid_pattern(p) for p in v)):
                 raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}={show(v)}, "
                                    f"expected an object of module regex → value")
+            for pattern, value in (v or {}).items():  # a bad value is the file's fault, not an internal error
+                if not _positive(value, integer):
+                    raise AdapterError(f"adapter {name!r}: {file}: {METADATA_KEY} has {component}.{key}"
+                                       f"[{show(pattern)}]={show(value)}, expected a positive "
+                                       f"{'integer' if integer else 'finite number'}; fix or remove that entry "
+                                       f"and re-save the LoRA")
     return out
+
+
+def _positive(v: Any, integer: bool) -> bool:
+    """A positive finite number (JSON's bools are not numbers); an int where `integer`."""
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            and (not integer or isinstance(v, int)))
 
 
 # scalar alpha dtypes → struct format (BF16 is the high half of an F32)
@@ -363,16 +383,24 @@ def _alphas(infos: dict[str, TensorInfo], name: str) -> dict[str, float]:
 # --- output ---------------------------------------------------------------------------------------------
 
 
+def pipeline_components(modules: Iterable[str]) -> set[str] | None:
+    """The pipeline components that module names (<component>.<module>) carry; None when one is not a
+    pipeline name (a PEFT model's base_model.model.*)."""
+    comps = {m.partition(".")[0] for m in modules}
+    return comps if comps <= set(COMPONENTS) else None
+
+
 def is_pipeline(adapter: Adapter) -> bool:
     """Whether its modules carry diffusers' pipeline names (a diffusers or kohya file, or a PEFT directory
     given a component)."""
-    return adapter.format != "peft" or all(m.partition(".")[0] in COMPONENTS for m in adapter.modules)
+    return FORMATS[adapter.format].pipeline or pipeline_components(adapter.modules) is not None
 
 
 def output_format(requested: str | None, adapters: list[Adapter]) -> str:
     """output.format, or the inputs' format when they agree, else peft; refused when it cannot hold them."""
     found = {a.format for a in adapters}
-    fmt = requested or (found.pop() if len(found) == 1 else "peft")
+    fmt = requested or (found.pop() if len(found) == 1 else DEFAULT)
+    table = FORMATS[fmt]
     diffusion = [a for a in adapters if is_pipeline(a)]
     if diffusion and len(diffusion) != len(adapters):
         peft = next(a for a in adapters if not is_pipeline(a))
@@ -380,17 +408,17 @@ def output_format(requested: str | None, adapters: list[Adapter]) -> str:
                            f"{diffusion[0].name!r} a {diffusion[0].format} LoRA (modules unet.*, text_encoder.*); "
                            f"their module names cannot be matched. If the PEFT adapter is a pipeline "
                            f"component's, name it: component: unet (or text_encoder, ...)")
-    if fmt != "peft" and not diffusion:
+    if table.pipeline and not diffusion:
         raise AdapterError(f"output.format is {fmt}, but the inputs are PEFT directories, whose modules name no "
                            f"pipeline component; write output.format: peft, or set component: unet (or "
                            f"text_encoder, ...) on each adapter")
-    if fmt == "kohya":
-        bad = sorted({m.partition(".")[0] for a in adapters for m in a.modules} - set(KOHYA_OF))
+    if table.components is not None:
+        bad = sorted({m.partition(".")[0] for a in adapters for m in a.modules} - set(table.components))
         if bad:
-            raise AdapterError(f"output.format is kohya, but the inputs adapt {bad[0]!r}, which kohya's format "
-                               f"names no prefix for (it has lora_unet_, lora_te1_, lora_te2_); write "
+            raise AdapterError(f"output.format is {fmt}, but the inputs adapt {bad[0]!r}, which the {fmt} format "
+                               f"cannot name (it names {', '.join(table.components)}); write "
                                f"output.format: diffusers")
-    if fmt == "peft" and diffusion:
+    if not table.pipeline and diffusion:
         comps = sorted({m.partition(".")[0] for a in adapters for m in a.modules})
         if len(comps) > 1:
             raise AdapterError(f"output.format is peft, but the inputs adapt {len(comps)} pipeline components "

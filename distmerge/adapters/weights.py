@@ -161,27 +161,39 @@ def _unet_scale(expanded: Mapping[str, float], path: str) -> float:
 
 
 def _expand(scales: Mapping, names: list[str]) -> dict[str, float]:
-    """{"down_blocks.1.attentions.0": s, ..., "mid_block.attentions.0": s} for the blocks the adapter has."""
+    """{"down_blocks.1.attentions.0": s, ..., "mid_block.attentions.0": s} for the blocks the adapter has.
+
+    diffusers asks the model which blocks hold transformers and how many; distmerge has only the adapter, so
+    it counts the adapter's own attention modules, and refuses what that count cannot decide: a scale on a
+    block where the adapter adapts modules but no attention (set_adapters would scale them if the model has
+    attentions there, and leave them at 1.0 if not), and a per-layer list of another length."""
     mid = scales.get("mid", 1.0)
     out = {"mid_block.attentions.0": float(mid[0] if isinstance(mid, list) else mid)}
     for part in ("down", "up"):
-        rx = re.compile(rf"^unet\.{part}_blocks\.(\d+)\.attentions\.(\d+)\.")
-        seen: dict[int, int] = {}
+        rx = re.compile(rf"^unet\.{part}_blocks\.(\d+)\.(?:attentions\.(\d+)\.)?")
+        seen: dict[int, int] = {}  # block → its adapted attention count (0: modules, but no attention)
         for n in names:
             m = rx.match(n)
             if m:
-                i, j = int(m.group(1)), int(m.group(2))
-                seen[i] = max(seen.get(i, 0), j + 1)
+                i = int(m.group(1))
+                seen[i] = max(seen.get(i, 0), int(m.group(2)) + 1 if m.group(2) is not None else 0)
         value = scales.get(part, 1.0)
-        for i, count in seen.items():
+        for i, count in sorted(seen.items()):
             block = value.get(f"block_{i}", 1.0) if isinstance(value, Mapping) else value
+            if count == 0:
+                if any(float(x) != 1.0 for x in (block if isinstance(block, list) else [block])):
+                    raise ValueError(f"block_weights.unet.{part} scales {part}_blocks.{i}, where the adapter "
+                                     f"adapts modules but no attention module; distmerge infers a block's layers "
+                                     f"from the adapter's attention modules and none are adapted there: leave "
+                                     f"block_{i} at 1.0 and scale those modules with module_weights")
+                continue
             if isinstance(block, list):
                 if len(block) == 1:
                     block = block * count
-                elif len(block) < count:
+                elif len(block) != count:
                     raise ValueError(f"block_weights.unet.{part}.block_{i} has {len(block)} values, but the "
-                                     f"adapter has {count} transformer layers there; give one value per layer")
-                count = len(block)
+                                     f"adapter has {count} transformer layers there (distmerge counts the adapter's "
+                                     f"own attention modules); give one value per layer, or one for all")
             for j in range(count):
                 out[f"{part}_blocks.{i}.attentions.{j}"] = float(block[j] if isinstance(block, list) else block)
     return out

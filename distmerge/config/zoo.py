@@ -260,9 +260,12 @@ def _adapter_items(name: str, raw: Any, outputs: Mapping[str, str | None], p: li
             rest = {k: v for k, v in item.items() if k != "recipe"}
             items.append({"name": str(ref).replace("/", "_"), **rest, "path": outputs[ref]})
         elif "glob" in item:
-            matches = sorted(m for m in glob.glob(os.path.expanduser(str(item["glob"]))) if os.path.isdir(m))
+            # adapter directories (PEFT, diffusers), and single-file LoRAs (kohya, diffusers .safetensors)
+            matches = sorted(m for m in glob.glob(os.path.expanduser(str(item["glob"])))
+                             if os.path.isdir(m) or (m.endswith(".safetensors") and os.path.isfile(m)))
             if not matches:
-                p.append(f"{where}[{i}].glob: {item['glob']!r} matches no directory; check the pattern")
+                p.append(f"{where}[{i}].glob: {item['glob']!r} matches no adapter directory or .safetensors file; "
+                         f"check the pattern")
                 return None, []
             weight = item.get("weight", "equal")
             if weight == "equal":

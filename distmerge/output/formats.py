@@ -15,7 +15,7 @@ from typing import Callable
 
 from distmerge import lora
 from distmerge._lazy import torch
-from distmerge.adapters.formats import COMPONENTS, DIFFUSERS_FILE, FORMATS, METADATA_KEY
+from distmerge.adapters.formats import DIFFUSERS_FILE, FORMATS, METADATA_KEY, pipeline_components
 from distmerge.adapters.header import TensorInfo
 from distmerge.output.assemble import write_files, write_json
 from distmerge.output.safetensors_io import write_renamed
@@ -95,8 +95,8 @@ def _kohya(plan: Plan, tensors: dict[str, TensorInfo], dest: str, out_path: str,
 
 def _component(plan: Plan) -> str | None:
     """The one pipeline component of a diffusion plan, None for PEFT names."""
-    comps = {j.module.partition(".")[0] for j in plan.jobs}
-    return comps.pop() if len(comps) == 1 and comps <= set(COMPONENTS) else None
+    comps = pipeline_components(j.module for j in plan.jobs)
+    return comps.pop() if comps is not None and len(comps) == 1 else None
 
 
 def _lora_config(plan: Plan, component: str) -> dict:

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from distmerge.adapters.formats import DEFAULT, FORMATS, Format
+
 LIBRARY = "peft"
 TAGS = ["lora", "peft", "merge", "distmerge"]
 CARD = "README.md"
@@ -106,8 +108,7 @@ def build_card(manifest: dict, adapter_config: dict) -> ModelCard:
         _sources(manifest["inputs"]),
         _method(manifest),
         _stats(manifest.get("modules") or {}),
-        _usage(adapter_config) if manifest["method"].get("output_format", "peft") == "peft" else
-        _diffusion_usage(manifest["method"]["output_format"]),
+        _usage_of(manifest["method"].get("output_format", DEFAULT), adapter_config),
         _config(manifest["config"]),
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -221,15 +222,21 @@ def _usage(adapter_config: dict) -> str:
             + vllm)
 
 
-def _diffusion_usage(fmt: str) -> str:
+def _usage_of(fmt: str, adapter_config: dict) -> str:
+    """The loading snippet of the output's format (adapters/formats.py): a pipeline format loads in diffusers."""
+    return _diffusion_usage(FORMATS[fmt]) if FORMATS[fmt].pipeline else _usage(adapter_config)
+
+
+def _diffusion_usage(fmt: Format) -> str:
     """A diffusers or kohya file: the pipeline loads it alone (the merged factors carry every weight)."""
-    file = "pytorch_lora_weights.safetensors" if fmt == "diffusers" else "NAME.safetensors"
-    where = "this repo, or the local directory" + ("" if fmt == "diffusers" else "; NAME.safetensors: its kohya file")
-    return (f"## Use\n\nThis is a {fmt}-format LoRA. With diffusers, on the pipeline of its base model:\n\n"
+    file = fmt.file("NAME")  # the file's name for an output directory NAME
+    where = "this repo, or the local directory" + ("" if file == fmt.file("OTHER") else  # named after it
+                                                    f"; {file}: its {fmt.name} file")
+    return (f"## Use\n\nThis is a {fmt.name}-format LoRA. With diffusers, on the pipeline of its base model:\n\n"
             f"```python\npipe.load_lora_weights(\"ORG/NAME\", weight_name=\"{file}\")  # {where}\n"
             f"pipe.fuse_lora()  # optional: fold it into the weights\n```\n\n"
             f"It equals the inputs loaded together, weighted with set_adapters and fused, for method cat; other "
-            f"methods approximate that sum with a smaller rank.\n")
+            f"methods merge as their method says, usually at a smaller rank.\n")
 
 
 def _config(config: dict) -> str:
