@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import os
 import sys
@@ -34,7 +33,7 @@ from distmerge.executors import make_executor, resolve_executor_name
 from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
 from distmerge.output.manifest import read_manifest
-from distmerge.output.owner import BatchLock
+from distmerge.output.owner import BatchLock, written_by_us
 from distmerge.plan import ShardTask, build_plan
 from distmerge.shard import ShardResult
 from distmerge.sources import open_inputs
@@ -444,15 +443,9 @@ def table(rows: Sequence[Outcome]) -> str:
 def write_report(directory: str, zoo: Zoo, rows: Sequence[Outcome], seconds: float, hashed: int) -> str:
     """batch_report.json beside the outputs: written whole (temp file, rename), never over a file not ours."""
     path = os.path.join(directory, REPORT)
-    if os.path.lexists(path):
-        try:
-            with open(path) as f:
-                ours = "distmerge_batch" in json.load(f)
-        except (OSError, ValueError, TypeError):
-            ours = False
-        if not ours:
-            raise OutputError(f"{path} exists and distmerge did not write it; the batch report was not written. "
-                              f"Move that file away")
+    if os.path.lexists(path) and not written_by_us(path, "distmerge_batch"):
+        raise OutputError(f"{path} exists and distmerge did not write it; the batch report was not written. "
+                          f"Move that file away")
     from distmerge import __version__
 
     counts = {s: sum(r.status == s for r in rows) for s in (MERGED, UP_TO_DATE, FAILED, BLOCKED)}

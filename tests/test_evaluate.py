@@ -353,3 +353,103 @@ def test_an_evaluate_config_error_imports_no_torch(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip().splitlines()[-1] == "2 []", out.stdout + out.stderr[-2000:]
     assert "taks: unknown key; did you mean 'tasks'?" in out.stderr and "base_model:" in out.stderr
+
+
+def _cached_output(local_run, path: Path) -> Path:
+    """A new report directory holding only the module run's score cache: the base and the sources come from it."""
+    path.mkdir()
+    shutil.copy(Path(local_run[0]["output"]) / "scores_cache.json", path)
+    return path
+
+
+def test_bin_adapters_are_known_by_their_weights_not_their_config(world, local_run, tmp_path):
+    """Two adapters saved as adapter_model.bin with one adapter_config.json are two adapters, not one."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.evaluate.run import adapter_identity
+
+    bins = {}
+    for task in ("succ", "rev"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.base), str(world.adapters[task]))
+        model.save_pretrained(str(tmp_path / f"{task}_bin"), safe_serialization=False)
+        bins[task] = tmp_path / f"{task}_bin"
+        assert (bins[task] / "adapter_model.bin").is_file() and not list(bins[task].glob("*.safetensors"))
+    assert (bins["succ"] / "adapter_config.json").read_bytes() == (bins["rev"] / "adapter_config.json").read_bytes()
+    ident = adapter_identity(str(bins["succ"]))
+    assert ident != adapter_identity(str(bins["rev"]))
+    (bins["succ"] / "training_args.bin").write_bytes(b"a trainer's file, not the adapter")
+    assert adapter_identity(str(bins["succ"])) == ident
+    cfg = E.eval_config(world, _cached_output(local_run, tmp_path / "out"),
+                        [{"path": str(bins[t]), "name": f"{t}_bin"} for t in bins], METRICS)
+    scores = _scores(evaluate(cfg))
+    before = _scores(local_run[1])
+    for task in E.TASKS:  # the .bin copy of succ scores as its safetensors copy did; rev's is another adapter
+        assert scores[("succ_bin", task)] == pytest.approx(before[("succ_copy", task)], abs=1e-5), task
+    assert scores[("rev_bin", "rev")] < scores[("succ_bin", "rev")] - 0.5  # loss: rev's own adapter is far better
+
+
+def test_a_base_model_transformers_cannot_load_is_a_one_line_error_and_writes_nothing(world, tmp_path, capsys):
+    from distmerge.cli import main
+
+    bad = tmp_path / "bad-base"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    cfg = E.eval_config(world, tmp_path / "out", [])
+    cfg["base_model"] = str(bad)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["evaluate", str(tmp_path / "eval.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"base_model: cannot load {bad}: " in err and "expected a transformers model directory saved with " \
+        "save_pretrained (config.json, weights, tokenizer)" in err, err
+    assert "internal error" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # no empty report directory left behind
+
+
+def test_an_output_that_is_a_file_or_lies_under_one_is_refused(world, tmp_path):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("mine")
+    for output in (blocker, blocker / "sub"):
+        with pytest.raises(OutputError, match=f"output: {blocker} exists and is not a directory"):
+            evaluate(E.eval_config(world, output, []))
+    assert blocker.read_text() == "mine"
+
+
+def test_a_kohya_or_diffusers_candidate_is_said_to_need_the_peft_format(world, local_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from distmerge.config.eval import Candidate
+
+    kohya = tmp_path / "kohya-out"
+    kohya.mkdir()
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(kohya / "kohya-out.safetensors"))
+    cfg = E.eval_config(world, _cached_output(local_run, tmp_path / "out"), [], METRICS)
+    run = evaluate(cfg, extra_candidates=[Candidate(str(kohya), "k")])
+    [missing] = run.report["missing"]
+    assert "kohya-out.safetensors" in missing["reason"] and "output.format: peft" in missing["reason"]
+    assert "not merged" not in missing["reason"] and run.evaluated == 0
+
+
+def test_ray_actors_reserve_one_load_of_host_memory_with_a_gpu_and_two_without(world, tmp_path):
+    from distmerge.evaluate.run import make_pool
+    from distmerge.evaluate.worker import _weights_bytes
+    from distmerge.executors.ray import WORKER_BASE_BYTES
+
+    weights = _weights_bytes(str(world.base))
+    for runtime, copies in (({"gpus_per_worker": 1}, 1), ({"gpus_per_worker": 0}, 2),
+                            ({"gpus_per_worker": 1, "device": "cpu"}, 2)):
+        cfg = load_eval_config(E.eval_config(world, tmp_path / "out", [], executor="ray", **runtime))
+        pool = make_pool(cfg, str(world.base))
+        assert pool._memory == WORKER_BASE_BYTES + copies * weights, runtime
+
+
+def test_written_by_us_reads_the_marker_of_a_json_object_only(tmp_path):
+    from distmerge.output.owner import written_by_us
+
+    cases = {"ours.json": '{"distmerge_evaluate": "1", "x": 1}', "list.json": '["distmerge_evaluate"]',
+             "other.json": '{"x": 1}', "broken.json": '{"distmerge_evaluate"', "string.json": '"distmerge_evaluate"'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    assert {n: written_by_us(str(tmp_path / n), "distmerge_evaluate") for n in cases} == {
+        "ours.json": True, "list.json": False, "other.json": False, "broken.json": False, "string.json": False}
+    assert not written_by_us(str(tmp_path / "absent.json"), "distmerge_evaluate")

@@ -26,11 +26,21 @@ from typing import Iterable
 from distmerge.config.eval import Candidate, EvalConfig, load_eval_config
 from distmerge.errors import ConfigError, DistmergeError, OutputError, output_error
 from distmerge.evaluate.worker import BATCH, EvalItem, EvalResult, TaskData
+from distmerge.output.owner import written_by_us
+from distmerge.output.safetensors_io import sha256_file
 
 log = logging.getLogger("distmerge")
 CACHE = "scores_cache.json"
 SCORING = 1  # bump when a metric's computation changes: every cached score is then stale
-ADAPTER_FILES = (".safetensors", "adapter_config.json")
+# every file PEFT may load an adapter from: adapter_model.safetensors / .bin / .pt, sharded weights and their
+# index, and the config; an adapter is known by all of them, or two .bin adapters with one config would be one.
+# A trainer checkpoint's other files (optimizer.pt, training_args.bin) are not the adapter and are not read.
+WEIGHTS = "adapter_model"
+WEIGHT_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def is_adapter_file(name: str) -> bool:
+    return name == "adapter_config.json" or (name.startswith(WEIGHTS) and name.endswith(WEIGHT_ENDINGS))
 
 
 @dataclass
@@ -53,26 +63,19 @@ class EvalRun:
 
 
 def adapter_identity(path: str) -> str:
-    """sha256 over an adapter's weight and config files: from a distmerge manifest when it is current."""
+    """sha256 over an adapter's weight and config files (is_adapter_file), by name and content: from a distmerge
+    manifest when it is current."""
     from distmerge.batch import previous_output
 
     manifest = previous_output(path)
     if manifest is not None:
-        files = {o["file"]: o["sha256"] for o in manifest["outputs"] if o["file"].endswith(ADAPTER_FILES)}
+        files = {o["file"]: o["sha256"] for o in manifest["outputs"] if is_adapter_file(o["file"])}
     else:
         files = {}
         for name in sorted(os.listdir(path)):
-            if name.endswith(ADAPTER_FILES) and os.path.isfile(os.path.join(path, name)):
-                files[name] = _sha256_file(os.path.join(path, name))
+            if is_adapter_file(name) and os.path.isfile(os.path.join(path, name)):
+                files[name] = sha256_file(os.path.join(path, name))
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_identity(path: str, dtype: str) -> dict:
@@ -83,7 +86,7 @@ def base_identity(path: str, dtype: str) -> dict:
         if not os.path.isfile(full):
             continue
         st = os.stat(full)
-        files[name] = _sha256_file(full) if name.endswith(".json") else [st.st_size, st.st_mtime_ns]
+        files[name] = sha256_file(full) if name.endswith(".json") else [st.st_size, st.st_mtime_ns]
     return {"path": path, "dtype": dtype, "files": files}
 
 
@@ -134,6 +137,7 @@ class Cache:
     def save(self) -> None:
         tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)  # made with the first score, not before
             with open(tmp, "w") as f:
                 json.dump({"distmerge_eval_cache": SCORING, "scores": self.scores}, f)
             os.replace(tmp, self.path)
@@ -199,45 +203,49 @@ class LocalPool:
             feed.done(item, result)
 
 
+def host_peak(weights: int, gpu: bool) -> int:
+    """The host memory an evaluation actor reserves beyond RayExecutor's WORKER_BASE_BYTES, from the base's weight
+    bytes. On the CPU: the resident base and what a forward pass allocates beside it (2x). With a GPU the base is
+    resident there: transformers loads with low_cpu_mem_usage (shards to meta-initialised parameters), so the host
+    holds at most one load's worth before .to(cuda), or the part a device map spills to the CPU. Asking 2x per GPU
+    actor would reserve 8 x 32 GB of host memory for an 8B bf16 base on an 8-GPU node, and never place a 70B one."""
+    return weights if gpu else 2 * weights
+
+
 def make_pool(cfg: EvalConfig, base: str):
     from distmerge.executors import resolve_executor_name
 
     threads = max(1, int(cfg.runtime.cpus_per_worker))  # as for merging: the torch threads in every executor
     if resolve_executor_name(cfg.runtime) == "ray":
-        from distmerge.evaluate.worker import EvalWorker, _weights_bytes
+        from distmerge.evaluate.worker import EvalWorker, _weights_bytes, resolve_device
         from distmerge.executors.ray import RayExecutor
 
-        peak = 2 * _weights_bytes(base)  # the resident base and what a forward pass allocates beside it
-        return RayExecutor(cfg.runtime, peak, worker=EvalWorker, worker_args=(base, cfg.dtype, cfg.runtime.device,
-                                                                            threads))
+        per = cfg.runtime.gpus_per_worker  # None: one GPU per actor where the cluster has GPUs (worker_shape)
+        gpu = cfg.runtime.device != "cpu" and (per > 0 if per is not None else resolve_device(cfg.runtime.device)
+                                               == "cuda")
+        return RayExecutor(cfg.runtime, host_peak(_weights_bytes(base), gpu), worker=EvalWorker,
+                           worker_args=(base, cfg.dtype, cfg.runtime.device, threads))
     return LocalPool(base, cfg.dtype, cfg.runtime.device, threads)
-
-
-def _our_cache(path: str) -> bool:
-    try:
-        with open(path) as f:
-            return "distmerge_eval_cache" in json.load(f)
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def check_output(directory: str) -> None:
     """The report directory is ours to write: new, or holding a report.json distmerge wrote."""
     from distmerge.evaluate.report import OURS
 
+    existing = directory  # itself, or the nearest parent that exists: a file there could never hold the report
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"output: {existing} exists and is not a directory, so the report cannot be written in "
+                          f"{directory}; choose a new directory or an earlier report's. Nothing was written")
     report = os.path.join(directory, "report.json")
     if os.path.lexists(report):
-        try:
-            with open(report) as f:
-                ours = "distmerge_evaluate" in json.load(f)
-        except (OSError, ValueError, TypeError):
-            ours = False
-        if not ours:
+        if not written_by_us(report, "distmerge_evaluate"):
             raise OutputError(f"{report} exists and distmerge did not write it; choose another output directory "
                               f"or move that file away. Nothing was written")
         return
-    clash = [n for n in OURS if os.path.lexists(os.path.join(directory, n)) and not (n == CACHE and _our_cache(
-        os.path.join(directory, n)))]  # a cache alone: a first run stopped before its report
+    clash = [n for n in OURS if os.path.lexists(os.path.join(directory, n)) and not (n == CACHE and written_by_us(
+        os.path.join(directory, n), "distmerge_eval_cache"))]  # a cache alone: a first run stopped before its report
     if clash:
         raise OutputError(f"{directory} holds {', '.join(clash)}, which distmerge did not write (no report.json "
                           f"of its own there); choose another output directory. Nothing was written")
@@ -247,6 +255,7 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
     """Score the base, the sources and every candidate on every task; write the report; return it."""
     from tqdm.auto import tqdm
 
+    from distmerge.adapters.formats import lora_file
     from distmerge.evaluate.data import read_task
     from distmerge.evaluate.report import build_report, write_report
 
@@ -289,13 +298,19 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
             continue
         seen.add(c.path)
         if not c.path.startswith("hf://") and not os.path.isfile(os.path.join(c.path, "adapter_config.json")):
-            missing.append({"name": c.name, "path": c.path, "reason": "no adapter there yet (not merged?)"})
-            log.warning("%s: skipped: no adapter at %s yet (run the batch that merges it)", c.name, c.path)
+            other = lora_file(c.path) if os.path.isdir(c.path) else None
+            if other is not None:  # a diffusers or kohya output: PEFT cannot load it into a transformers model
+                why = (f"{os.path.basename(other)} is not a PEFT adapter; evaluation needs a PEFT-format adapter "
+                       f"(adapter_config.json): merge it with output.format: peft")
+                missing.append({"name": c.name, "path": c.path, "reason": why})
+                log.warning("%s: skipped: %s", c.name, why)
+            else:
+                missing.append({"name": c.name, "path": c.path, "reason": "no adapter there yet (not merged?)"})
+                log.warning("%s: skipped: no adapter at %s yet (run the batch that merges it)", c.name, c.path)
             continue
         candidates.append((c, unit_of(c.path, c.name, list(tasks))))
 
-    os.makedirs(cfg.output, exist_ok=True)
-    cache = Cache(cfg.output)
+    cache = Cache(cfg.output)  # the directory is made by the first score or the report: none if loading fails
     scores: dict[tuple[str, str], tuple[float, int]] = {}
     items: list[EvalItem] = []
     cached = 0
@@ -341,5 +356,9 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
         raise DistmergeError(f"the base model {cfg.base_model} could not be evaluated: {failures['base']}")
     report = build_report(cfg, tasks, scores, units, source_keys, candidates, failures, missing,
                           evaluated=evaluated, cached=cached, seconds=time.perf_counter() - t0)
+    try:
+        os.makedirs(cfg.output, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, cfg.output, "create the report directory") from None
     write_report(cfg.output, report, candidates)
     return EvalRun(report, cfg.output, evaluated, cached, time.perf_counter() - t0)

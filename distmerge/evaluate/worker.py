@@ -59,6 +59,27 @@ def _weights_bytes(path: str) -> int:
                if f.endswith((".safetensors", ".bin")))
 
 
+class _loading:
+    """A base model or tokenizer transformers cannot load is the user's error (exit 2, one line), not a bug; running
+    out of memory, or a missing package, is not a bad directory and passes through."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, (ImportError, MemoryError)) \
+                or "out of memory" in str(e).lower():
+            return False
+        from distmerge.errors import DistmergeError
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DistmergeError(f"base_model: cannot load {self.path}: {first}; expected a transformers model directory "
+                             f"saved with save_pretrained (config.json, weights, tokenizer)") from None
+
+
 class Evaluator:
     """The resident base model and its tokenizer; `evaluate(item)` scores one adapter on its tasks."""
 
@@ -79,11 +100,12 @@ class Evaluator:
                 kwargs["device_map"] = "auto"
                 kwargs["max_memory"] = {i: int(SLACK * torch.cuda.mem_get_info(i)[0])
                                         for i in range(torch.cuda.device_count())}
-        self.model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        with _loading(base_model):
+            self.model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         if "device_map" not in kwargs:
             self.model.to(self.device)
         self.model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.pad_id = next((i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if i is not None), 0)
         self.peft = None  # the PeftModel around the base, once an adapter was loaded
         self.forward = self.model  # what scores: the base, or the PeftModel with one active adapter

@@ -218,6 +218,17 @@ def check_target(target: str, overwrite: bool, inputs: Iterable[tuple[str, str]]
                           f"its own complete output. Move it away or choose another output.path")
 
 
+def written_by_us(path: str, marker_key: str) -> bool:
+    """Whether a JSON file is one distmerge wrote (a report, a cache): a JSON object holding `marker_key`.
+    Anything unreadable or not such an object is the user's, so it is never overwritten."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and marker_key in doc
+
+
 def not_ours(path: Path) -> str | None:
     """None if `path` is an empty directory or a complete previous distmerge output, else why not."""
     from distmerge.output.safetensors_io import sha256_file
