@@ -36,7 +36,7 @@ from distmerge.output.manifest import read_manifest
 from distmerge.output.owner import BatchLock, written_by_us
 from distmerge.plan import ShardTask, build_plan
 from distmerge.shard import ShardResult
-from distmerge.sources import open_inputs
+from distmerge.sources import Opened, open_inputs
 
 log = logging.getLogger("distmerge")
 REPORT = "batch_report.json"
@@ -160,6 +160,7 @@ class Batch:
         self.force = set(self.selected) if "*" in force else force
         self.outcomes: dict[str, Outcome] = {}
         self.identities = Identities()
+        self._opened = Opened()  # each shared adapter's headers read once per run
         self._waiting = list(self.selected)
         self._jobs: dict[str, Job] = {}
         self._queue: deque[ShardTask] = deque()
@@ -185,7 +186,7 @@ class Batch:
             manifest = previous_output(up)
             if manifest is not None:
                 self.identities.learn_output(up, manifest)
-        adapters = open_inputs(recipe.config)
+        adapters = open_inputs(recipe.config, self._opened)
         if recipe.name in self.force:
             return "forced", adapters
         hashes = {f: file_sha256(a, f, stamp, self.identities.sha) for a, f, stamp in input_files(adapters)}
@@ -228,7 +229,8 @@ class Batch:
             if recipe.needs:
                 continue
             try:
-                adapters = self._checked[name][1] if name in self._checked else open_inputs(recipe.config)
+                checked = self._checked.get(name)
+                adapters = checked[1] if checked else open_inputs(recipe.config, self._opened)
                 peak = max(peak, build_plan(recipe.config, adapters).peak_bytes)
             except DistmergeError:
                 continue  # the recipe fails, with this error, when its turn comes

@@ -77,6 +77,34 @@ def test_batch_bytes_equal_each_recipe_alone(shelf, tmp_path, capsys):
     assert "support-bot" in out and "merged" in out
 
 
+def test_a_batch_reads_each_shared_adapters_headers_once(shelf, tmp_path, capsys, monkeypatch):
+    """Recipes share adapters (support-bot and the four sweep points all merge sql and chat): an up-to-date
+    rerun opens each adapter file once, and a file changed since is read again."""
+    from distmerge.adapters import adapter as adapter_module
+    from distmerge.config.schema import AdapterSpec
+    from distmerge.sources import Opened
+
+    zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
+    assert _batch(capsys, zoo_path)[0] == 0
+    reads: list[str] = []
+    real = adapter_module.read_header
+    monkeypatch.setattr(adapter_module, "read_header", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    code, out, report = _batch(capsys, zoo_path)
+    assert code == 0 and {r["status"] for r in report.values()} == {"up to date"}, out
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 7  # 5 adapters, the 2 outputs mix merges
+
+    reads.clear()
+    opened = Opened()
+    sql = str(shelf / "sql" / "adapter_model.safetensors")
+    a = opened.open(AdapterSpec(str(shelf / "sql"), 0.5, "first"), 0, None)
+    b = opened.open(AdapterSpec(str(shelf / "sql"), -1.0), 3, None)
+    assert len(reads) == 1 and (a.name, a.weight, a.index) == ("first", 0.5, 0) and (b.name, b.weight, b.index) == (
+        "sql", -1.0, 3) and a.modules == b.modules
+    os.utime(sql, ns=(1, 1))  # the same bytes, a new mtime: not the file that was read, so it is read again
+    opened.open(AdapterSpec(str(shelf / "sql")), 0, None)
+    assert reads == [sql, sql]
+
+
 def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, monkeypatch):
     zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
     assert _batch(capsys, zoo_path)[0] == 0
