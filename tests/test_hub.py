@@ -233,3 +233,21 @@ def test_batch_identity_is_the_commit(hub, tmp_path, capsys):
     publish(cache, "org/sql", adapter_files(retrained), refs=("main",))
     statuses, _ = run()
     assert statuses == {"uses-main": "merged", "uses-tag": "up to date", "local-only": "up to date"}
+
+
+def test_an_evaluate_base_model_missing_from_the_cache_is_said_in_distmerges_words(hub, monkeypatch):
+    """evaluate's hf:// base model goes through the same download as adapters: one line, no huggingface_hub text."""
+    from types import SimpleNamespace
+
+    from distmerge.config.schema import RuntimeSpec
+    from distmerge.errors import DistmergeError
+    from distmerge.evaluate.run import resolve_base
+
+    cache, _, _ = hub
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    cfg = SimpleNamespace(base_model="hf://org/base@v2", runtime=RuntimeSpec(hub_cache=str(cache)))
+    with pytest.raises(DistmergeError) as e:
+        resolve_base(cfg)
+    text = str(e.value)
+    assert text.startswith("base_model 'hf://org/base@v2': org/base@v2 is not in the Hugging Face cache"), text
+    assert "hf_secret_token_value" not in text and "\n" not in text

@@ -90,22 +90,17 @@ def base_identity(path: str, dtype: str) -> dict:
     return {"path": path, "dtype": dtype, "files": files}
 
 
+BASE_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")  # config, weights, tokenizer; no pickles
+
+
 def resolve_base(cfg: EvalConfig) -> str:
     """A local directory holding the base model: hf:// is downloaded once into the Hub cache."""
     if not cfg.base_model.startswith("hf://"):
         return cfg.base_model
-    from distmerge.sources.hub import parse
+    from distmerge.sources.hub import parse, snapshot
 
-    ref = parse(cfg.base_model)
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(ref.repo, revision=ref.revision, cache_dir=cfg.runtime.hub_cache,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DistmergeError(f"base_model: cannot download {cfg.base_model}: {type(e).__name__}: {first}; check "
-                             f"the name, the revision and HF_TOKEN") from None
+    ref = parse(cfg.base_model)  # a valid Hub path: config/eval.py checked it
+    local = snapshot(ref, BASE_FILES, cfg.runtime.hub_cache, f"base_model {cfg.base_model!r}")
     return os.path.join(local, ref.subfolder) if ref.subfolder else local
 
 

@@ -57,31 +57,37 @@ def blob_sha256(path: str) -> str | None:
     return name if os.path.basename(os.path.dirname(path)) == "blobs" and SHA256_BLOB.match(name) else None
 
 
-def locate(uri: str, cache_dir: str | None) -> Located:
-    """Download (or find in the cache) what a merge of this adapter reads; the snapshot's directory."""
+def snapshot(ref: HubRef, files: tuple[str, ...] | list[str], cache_dir: str | None, subject: str) -> str:
+    """Download (or find in the cache) the repo's `files` (patterns, under ref.subfolder); the snapshot's
+    directory. huggingface_hub's errors become one line about `subject`, in distmerge's words, never theirs."""
     from huggingface_hub import constants, snapshot_download
 
+    patterns = [f"{ref.subfolder}/{f}" if ref.subfolder else f for f in files]
+    at = f"{ref.repo}@{ref.revision or 'main'}"
+    try:
+        return snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache_dir, allow_patterns=patterns)
+    except Exception as e:  # huggingface_hub's errors, mapped to what the user can do; never their text
+        raise _hub_error(subject, at, e, cache_dir or constants.HF_HUB_CACHE) from None
+
+
+def locate(uri: str, cache_dir: str | None) -> Located:
+    """Download (or find in the cache) what a merge of this adapter reads; the snapshot's directory."""
     ref = parse(uri)
     if ref is None:
         raise AdapterError(f"adapter {uri!r}: not a Hub path distmerge can read; write {SYNTAX}")
-    patterns = [f"{ref.subfolder}/{f}" if ref.subfolder else f for f in FILES]
-    at = f"{ref.repo}@{ref.revision or 'main'}"
-    try:
-        snapshot = snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache_dir, allow_patterns=patterns)
-    except Exception as e:  # huggingface_hub's errors, mapped to what the user can do; never their text
-        raise _hub_error(uri, at, e, cache_dir or constants.HF_HUB_CACHE) from None
-    directory = os.path.join(snapshot, ref.subfolder) if ref.subfolder else snapshot
-    commit = Path(snapshot).name
+    snap = snapshot(ref, FILES, cache_dir, f"adapter {uri!r}")
+    directory = os.path.join(snap, ref.subfolder) if ref.subfolder else snap
+    commit = Path(snap).name
     if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
         where = f" in {ref.subfolder}/" if ref.subfolder else ""
         raise AdapterError(f"adapter {uri!r}: {ref.repo} at commit {commit[:12]} has no adapter_config.json{where}; "
                            f"is it a PEFT LoRA adapter? Point at the subfolder that holds it ({SYNTAX})")
-    root = os.path.realpath(Path(snapshot).parent.parent)  # models--ORG--NAME: snapshots link into its blobs
+    root = os.path.realpath(Path(snap).parent.parent)  # models--ORG--NAME: snapshots link into its blobs
     hub = {"repo": ref.repo, "revision": ref.revision or "main", "commit": commit, "subfolder": ref.subfolder or None}
     return Located(directory, root, {"hub": hub}, blob_sha256)
 
 
-def _hub_error(uri: str, at: str, e: Exception, cache: str) -> AdapterError:
+def _hub_error(subject: str, at: str, e: Exception, cache: str) -> AdapterError:
     from huggingface_hub import errors
 
     repo = at.partition("@")[0]
@@ -106,6 +112,6 @@ def _hub_error(uri: str, at: str, e: Exception, cache: str) -> AdapterError:
     ]
     for kind, why in cases:
         if isinstance(e, kind):
-            return AdapterError(f"adapter {uri!r}: {why}")
-    return AdapterError(f"adapter {uri!r}: huggingface_hub failed ({type(e).__name__}) resolving {at}; check "
+            return AdapterError(f"{subject}: {why}")
+    return AdapterError(f"{subject}: huggingface_hub failed ({type(e).__name__}) resolving {at}; check "
                         f"the path ({SYNTAX}) and the network")
