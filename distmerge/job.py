@@ -46,8 +46,6 @@ class MergeResult:
     hub: dict | None = None  # where output.push_to_hub uploaded it (publish.hub.record), after the merge
 
 
-
-
 def input_files(adapters: Sequence[Adapter]) -> list[tuple[Adapter, str, object]]:
     """(adapter, file, planned stamp) for every file an adapter's merge depends on."""
     return [(a, f, a.stamps.get(f)) for a in adapters for f in a.inputs]
