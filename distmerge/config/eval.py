@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from distmerge.config.load import ConfigSource, _check_runtime, build_section, read_document, suggest
+from distmerge.config.load import ConfigSource, _check_runtime, build_section, one_of, read_document, suggest
 from distmerge.config.schema import DTYPES, RuntimeSpec
 from distmerge.errors import ConfigError
 
@@ -102,8 +102,7 @@ def validate_eval(raw: Mapping[str, Any], extra: list[Candidate] = (), require_c
                      f"directory written by save_pretrained, or hf://ORG/NAME")
         base = os.path.realpath(path)
     dtype = raw.get("dtype", "float32")
-    if dtype not in DTYPES:
-        p.append(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}{suggest(str(dtype), DTYPES)}")
+    one_of(p, "dtype", dtype, DTYPES)
     tasks = _tasks(raw.get("tasks"), p)
     candidates = _candidates(raw.get("candidates"), p) + list(extra)
     if require_candidates and not candidates and not any(t.source for t in tasks):
@@ -161,9 +160,7 @@ def _tasks(raw: Any, p: list[str]) -> list[TaskSpec]:
         if spec.name in seen:
             p.append(f"{where}.name: {spec.name!r} is used twice; task names must be unique")
         seen.add(spec.name)
-        if spec.metric not in METRICS:
-            p.append(f"{where}.metric: expected one of {', '.join(METRICS)}, got {spec.metric!r}"
-                     f"{suggest(spec.metric, METRICS)}")
+        one_of(p, f"{where}.metric", spec.metric, METRICS)
         if spec.limit is not None and spec.limit < 1:
             p.append(f"{where}.limit: must be >= 1 or null (every example), got {spec.limit}")
         if spec.max_new_tokens < 1:

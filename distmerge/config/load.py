@@ -140,6 +140,14 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def one_of(p: list[str], key: str, value: Any, choices: Collection[str], null: str | None = None) -> None:
+    """A key whose value is one of `choices` (or null, where `null` says what null means: "" for nothing)."""
+    if (value is None and null is not None) or value in choices:
+        return
+    nullable = "" if null is None else f" or null ({null})" if null else " or null"
+    p.append(f"{key}: expected one of {', '.join(choices)}{nullable}, got {value!r}{suggest(value, choices)}")
+
+
 def _check_keys(raw: Any, cls: type, where: str, p: list[str]) -> dict:
     prefix = f"{where}." if where else ""
     if raw is None:
@@ -248,12 +256,8 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
 def _check_format_keys(spec: AdapterSpec, where: str, p: list[str]) -> AdapterSpec:
     """format and the per-module weight keys (adapters/formats.py, adapters/weights.py); module_weights
     normalized to ordered (pattern, factor) pairs."""
-    if spec.format is not None and spec.format not in formats.names():
-        p.append(f"{where}.format: expected one of {', '.join(formats.names())} or null (detected), "
-                 f"got {spec.format!r}{suggest(spec.format, formats.names())}")
-    if spec.component is not None and spec.component not in formats.COMPONENTS:
-        p.append(f"{where}.component: expected one of {', '.join(formats.COMPONENTS)} or null, got "
-                 f"{spec.component!r}{suggest(spec.component, formats.COMPONENTS)}")
+    one_of(p, f"{where}.format", spec.format, formats.names(), null="detected")
+    one_of(p, f"{where}.component", spec.component, formats.COMPONENTS, null="")
     found = [f"{where}.{problem}" for problem in weights.problems(spec)]
     p.extend(found)
     if found:
@@ -299,16 +303,12 @@ def _check_merge(m: MergeSpec, p: list[str]) -> None:
         p.append(f"merge.density: method {m.method!r} prunes and needs a density in (0, 1], e.g. merge.density=0.5")
     if m.density is not None and not (0 < m.density <= 1):
         p.append(f"merge.density: must be in (0, 1], got {m.density}; it is the fraction of values kept")
-    if m.majority_sign_method not in schema.SIGN_METHODS:
-        p.append(f"merge.majority_sign_method: expected one of {', '.join(schema.SIGN_METHODS)}, "
-                 f"got {m.majority_sign_method!r}{suggest(m.majority_sign_method, schema.SIGN_METHODS)}")
+    one_of(p, "merge.majority_sign_method", m.majority_sign_method, schema.SIGN_METHODS)
     if m.svd_rank is not None and m.svd_rank < 1:
         p.append(f"merge.svd_rank: must be a positive rank or null (the largest input rank), got {m.svd_rank}")
     if m.svd_clamp is not None and not (0 < m.svd_clamp <= 1):
         p.append(f"merge.svd_clamp: a quantile in (0, 1] or null, got {m.svd_clamp}")
-    if m.svd_algorithm not in schema.SVD_ALGORITHMS:
-        p.append(f"merge.svd_algorithm: expected one of {', '.join(schema.SVD_ALGORITHMS)}, "
-                 f"got {m.svd_algorithm!r}{suggest(m.svd_algorithm, schema.SVD_ALGORITHMS)}")
+    one_of(p, "merge.svd_algorithm", m.svd_algorithm, schema.SVD_ALGORITHMS)
     if m.svd_oversample < 0:
         p.append(f"merge.svd_oversample: must be >= 0, got {m.svd_oversample}")
     if m.svd_niter < 0:
@@ -331,12 +331,8 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
     if not o.path:
         p.append("output.path: must name the directory to create, e.g. ./merged")
         return o
-    if o.format is not None and o.format not in formats.names():
-        p.append(f"output.format: expected one of {', '.join(formats.names())} or null (the inputs' format), "
-                 f"got {o.format!r}{suggest(o.format, formats.names())}")
-    if o.dtype is not None and o.dtype not in schema.DTYPES:
-        p.append(f"output.dtype: expected one of {', '.join(schema.DTYPES)} or null, "
-                 f"got {o.dtype!r}{suggest(o.dtype, schema.DTYPES)}")
+    one_of(p, "output.format", o.format, formats.names(), null="the inputs' format")
+    one_of(p, "output.dtype", o.dtype, schema.DTYPES, null="")
     try:
         parse_size(o.shard_size)
     except ValueError as e:
@@ -367,9 +363,8 @@ def _check_push(o: OutputSpec, p: list[str]) -> None:
 
 
 def _check_runtime(r: RuntimeSpec, p: list[str]) -> None:
-    for key, value, choices in (("executor", r.executor, schema.EXECUTORS), ("device", r.device, schema.DEVICES)):
-        if value not in choices:
-            p.append(f"runtime.{key}: expected one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
+    one_of(p, "runtime.executor", r.executor, schema.EXECUTORS)
+    one_of(p, "runtime.device", r.device, schema.DEVICES)
     if not 0 < r.connect_timeout_s < float("inf"):  # NaN fails too
         p.append(f"runtime.connect_timeout_s: must be a finite number of seconds > 0 to reach runtime.address, "
                  f"got {r.connect_timeout_s}")
