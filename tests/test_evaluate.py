@@ -123,8 +123,26 @@ def test_retention_definition(local_run):
 def test_unchanged_inputs_are_scored_from_the_cache(local_run):
     cfg, run = local_run
     assert run.evaluated > 0 and run.cached == 0
-    again = evaluate(cfg)
-    assert again.evaluated == 0 and again.cached == run.evaluated
+    from distmerge.evaluate import run as run_module
+
+    hashed: list[str] = []  # adapter files read for their sha256 (the base's small JSONs are hashed each run)
+    base = os.path.realpath(cfg["base_model"]) + os.sep
+    real = run_module.sha256_file
+
+    def counted(path: str) -> str:
+        if not os.path.realpath(path).startswith(base):
+            hashed.append(path)
+        return real(path)
+
+    run_module.sha256_file = counted
+    try:
+        again = evaluate(cfg)  # the sources (no distmerge manifest) are known by their stamps: none is read
+        assert hashed == [] and again.evaluated == 0 and again.cached == run.evaluated
+        source = Path(cfg["tasks"][0]["source"]) / "adapter_model.safetensors"
+        os.utime(source, ns=(1, 1))  # the same bytes, a new mtime: read again, and still the same adapter
+        assert evaluate(cfg).evaluated == 0 and [os.path.realpath(p) for p in hashed] == [os.path.realpath(source)]
+    finally:
+        run_module.sha256_file = real
     assert _scores(again) == _scores(run)
     resumed = Path(cfg["output"]).parent / "resumed"  # a run stopped before its report left only its cache
     resumed.mkdir()

@@ -62,9 +62,9 @@ class EvalRun:
     seconds: float
 
 
-def adapter_identity(path: str) -> str:
+def adapter_identity(path: str, known: dict[str, str] | None = None) -> str:
     """sha256 over an adapter's weight and config files (is_adapter_file), by name and content: from a distmerge
-    manifest when it is current."""
+    manifest when it is current, else hashed (through `known`, a cache of earlier hashes, where given)."""
     from distmerge.batch import previous_output
 
     manifest = previous_output(path)
@@ -74,8 +74,18 @@ def adapter_identity(path: str) -> str:
         files = {}
         for name in sorted(os.listdir(path)):
             if is_adapter_file(name) and os.path.isfile(os.path.join(path, name)):
-                files[name] = sha256_file(os.path.join(path, name))
+                files[name] = file_sha256(os.path.join(path, name), {} if known is None else known)
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def file_sha256(path: str, known: dict[str, str]) -> str:
+    """A file's sha256, taken from `known` while its size, mtime and ctime are those it was hashed at (ctime,
+    which no tool sets, catches a file replaced with its old mtime kept), else read and recorded there."""
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    if key not in known:
+        known[key] = sha256_file(path)
+    return known[key]
 
 
 def base_identity(path: str, dtype: str) -> dict:
@@ -117,13 +127,17 @@ class Cache:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, CACHE)
         self.scores: dict[str, list] = {}
+        self.files: dict[str, str] = {}  # file_sha256's memo: source adapters are not re-read every run
         try:
             with open(self.path) as f:
                 doc = json.load(f)
             if isinstance(doc, dict) and doc.get("distmerge_eval_cache") == SCORING:
                 self.scores = dict(doc.get("scores") or {})
+                files = doc.get("files")
+                self.files = {k: v for k, v in files.items() if isinstance(v, str)} if isinstance(files, dict) else {}
         except (OSError, ValueError):
             pass
+        self._saved = (len(self.scores), len(self.files))
 
     @staticmethod
     def key(adapter: str, settings: dict) -> str:
@@ -134,10 +148,15 @@ class Cache:
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)  # made with the first score, not before
             with open(tmp, "w") as f:
-                json.dump({"distmerge_eval_cache": SCORING, "scores": self.scores}, f)
+                json.dump({"distmerge_eval_cache": SCORING, "scores": self.scores, "files": self.files}, f)
             os.replace(tmp, self.path)
         except OSError as e:
             raise output_error(e, self.path, "write the score cache") from None
+        self._saved = (len(self.scores), len(self.files))
+
+    @property
+    def changed(self) -> bool:
+        return self._saved != (len(self.scores), len(self.files))
 
 
 class _Feed:
@@ -277,9 +296,11 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
     units: dict[str, Unit] = {"base": Unit("base", None, ["base"], [t.name for t in cfg.tasks])}
     missing: list[dict] = []
 
+    cache = Cache(cfg.output)  # the directory is made by the first score or the report: none if loading fails
+
     def unit_of(path: str, name: str, needs: list[str]) -> str:
         local = _resolve_adapter(path, cfg)
-        key = adapter_identity(local)
+        key = adapter_identity(local, cache.files)
         u = units.setdefault(key, Unit(key, local))
         u.names.append(name)
         u.tasks += [t for t in needs if t not in u.tasks]
@@ -305,7 +326,6 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
             continue
         candidates.append((c, unit_of(c.path, c.name, list(tasks))))
 
-    cache = Cache(cfg.output)  # the directory is made by the first score or the report: none if loading fails
     scores: dict[tuple[str, str], tuple[float, int]] = {}
     items: list[EvalItem] = []
     cached = 0
@@ -356,4 +376,6 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
     except OSError as e:
         raise output_error(e, cfg.output, "create the report directory") from None
     write_report(cfg.output, report, candidates)
+    if cache.changed:  # hashes learnt in a run that scored nothing new
+        cache.save()
     return EvalRun(report, cfg.output, evaluated, cached, time.perf_counter() - t0)
