@@ -9,6 +9,7 @@ those paths free of it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 
@@ -34,8 +35,10 @@ torch = LazyModule("torch")
 numpy = LazyModule("numpy")  # 0.2 s; only the CPU selection scans of the pruning methods use it
 
 
+@functools.lru_cache(maxsize=1)
 def torch_version() -> str:
-    """torch's version without importing it: the installed distribution's, which is torch.__version__."""
+    """torch's version without importing it: the installed distribution's, which is torch.__version__ (read
+    once: a zoo's fingerprints ask for it per recipe, and each read parses the distribution's metadata)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
 from distmerge.cli import main
 from distmerge.config import load_config
@@ -92,3 +93,52 @@ def test_new_method_parameters_are_validated_together(adapter_sets, tmp_path):
         load_config(cfg)
     cfg["merge"] = {"method": "iso_cts", "iso_common_fraction": 0.5}
     assert load_config(cfg).merge.iso_common_fraction == 0.5
+
+
+YAML_CASES = {
+    "numbers and dates": "a: 1e-3\nb: 1_000\nc: .5\nd: 2024-01-01\ne: yes\nf: ~\ng: 0x10\nh: 1:30\ni: .inf\nj: 010\n"
+                         "k: '1e3'\nl: [1, 2.5e+2, -3.]\n",
+    "anchors, merge keys, interpolation": "base: &b {x: 1, y: 2}\nm:\n  <<: *b\n  y: 3\nn: ${m.y}\no: ${base}\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_a_file_reads_as_omegaconf_reads_it(case, tmp_path):
+    """distmerge reads YAML itself (OmegaConf only resolves ${...}); OmegaConf.load is the oracle."""
+    from omegaconf import OmegaConf
+
+    from distmerge.config.load import read_document
+
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML_CASES[case])
+    assert read_document(str(path), []) == (OmegaConf.to_container(OmegaConf.load(path), resolve=True), [])
+
+
+def test_overrides_on_plain_data_follow_omegaconf_update(tmp_path):
+    """Each override as OmegaConf.update(merge=True, force_add=True) would apply it, on the oracle's side too;
+    an alias is unshared first, so an override of one place does not change the other."""
+    from omegaconf import OmegaConf
+
+    from distmerge.config.load import read_document
+
+    text = "defaults: &d {merge: {method: ties}}\nother: *d\nadapters: [{path: a}, {path: b}]\n"
+    overrides = ["defaults.merge.density=0.5", "adapters.1.weight=-1", "adapters[0].name=x", "new.deep.key=3",
+                 "defaults.merge={seed: 4}", "other.merge=null"]
+    (tmp_path / "c.yaml").write_text(text)
+    oracle = OmegaConf.load(tmp_path / "c.yaml")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        OmegaConf.update(oracle, key, yaml.safe_load(value), merge=True, force_add=True)
+    raw, problems = read_document(str(tmp_path / "c.yaml"), overrides)
+    assert problems == [] and raw == OmegaConf.to_container(oracle)
+    assert raw["defaults"]["merge"] == {"method": "ties", "density": 0.5, "seed": 4} and raw["other"]["merge"] is None
+
+    raw, problems = read_document(str(tmp_path / "c.yaml"), ["adapters.2.weight=1", "defaults.merge.method.x=1"])
+    assert problems == [
+        "override 'adapters.2.weight=1' cannot be applied: adapters is a list of 2; '2' is not an index into it "
+        "(0 to 1)",
+        "override 'defaults.merge.method.x=1' cannot be applied: defaults.merge.method is 'ties', not a mapping "
+        "that could hold 'x'"], problems
+    raw, problems = read_document(str(tmp_path / "c.yaml"), ["merge.density=${nowhere}"])
+    assert problems and problems[0].startswith("interpolation failed")

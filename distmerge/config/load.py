@@ -1,7 +1,9 @@
 """YAML + key=value overrides → one frozen, validated `MergeConfig`.
 
-OmegaConf does the loading, interpolation and dotlist overrides (torchtune's way); the checks are
-ours, so that every problem is collected and reported at once with its key path and a fix.
+The file is read with OmegaConf's YAML rules and overrides are its dotlist (torchtune's way); OmegaConf
+itself is imported only to resolve a document's `${...}` interpolations, since building a DictConfig of
+a 50-recipe zoo took longer than checking the whole zoo was up to date. The checks are ours, so that
+every problem is collected and reported at once with its key path and a fix.
 """
 
 from __future__ import annotations
@@ -11,30 +13,51 @@ import difflib
 import functools
 import os
 import re
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Union
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from distmerge.adapters import formats, weights
 from distmerge.config import schema
 from distmerge.config.schema import AdapterSpec, MergeConfig, MergeSpec, OutputSpec, RuntimeSpec
 from distmerge.config.units import parse_size
 from distmerge.errors import ConfigError
 
-ConfigSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig, MergeConfig]
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any], "DictConfig", MergeConfig]
 
 
-class _ValueLoader(yaml.SafeLoader):
-    """An override's value as OmegaConf reads the file: YAML 1.2 numbers, so 1e-3 is a float, not a string."""
+class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """OmegaConf's YAML rules (omegaconf/_yaml.py), so a file means what OmegaConf would read: YAML 1.2
+    numbers (1e-3 is a float, not a string), dates left as strings, and a key given twice refused."""
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        seen = set()
+        for key, _ in node.value:
+            if key.tag == yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key.value}", key.start_mark)
+                seen.add(key.value)
+        super().flatten_mapping(node)
 
 
-_ValueLoader.add_implicit_resolver(
+_YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    re.compile(r"""^(?:[-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()}
 
 
 def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeConfig:
@@ -60,22 +83,25 @@ def read_document(source: ConfigSource, overrides: list[str],
                   keys: str = "adapters, merge, output and runtime") -> tuple[dict, list[str]]:
     """A YAML file, dict or DictConfig with key=value overrides applied, as plain data; and what went wrong."""
     problems: list[str] = []
+    omegaconf = sys.modules.get("omegaconf")  # a DictConfig exists only where omegaconf is imported
     try:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.is_file():
                 return {}, [f"config file {str(path)!r} does not exist; pass the path of a YAML file "
                             f"such as configs/quickstart.yaml"]
-            cfg = OmegaConf.load(path)
-        elif isinstance(source, DictConfig):
-            cfg = source.copy()
+            with open(path, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=_YamlLoader)
+            data = {} if data is None else plain_copy(data)  # a YAML alias is one object: unshare it
+        elif omegaconf is not None and isinstance(source, omegaconf.DictConfig):
+            data = omegaconf.OmegaConf.to_container(source, resolve=False)
         elif isinstance(source, Mapping):
-            cfg = OmegaConf.create(dict(source))
+            data = plain_copy(source)  # never the caller's dict: overrides write into it
         else:
             return {}, [f"config must be a YAML path, a dict or a DictConfig, got {type(source).__name__}"]
-    except (OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as e:
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as e:
         return {}, [f"cannot read config {source!s}: {_yaml_problem(e)}"]
-    if not isinstance(cfg, DictConfig):
+    if not isinstance(data, dict):
         return {}, [f"the config's top level must be a mapping with {keys}"]
 
     for item in overrides:
@@ -84,16 +110,70 @@ def read_document(source: ConfigSource, overrides: list[str],
             problems.append(f"override {item!r} is not key=value; write for example merge.density=0.5")
             continue
         try:
-            value = yaml.load(text, Loader=_ValueLoader) if text.strip() else None
-            OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
-        except (OmegaConfBaseException, yaml.YAMLError, ValueError, IndexError, KeyError) as e:
+            put(data, key.strip(), yaml.load(text, Loader=_YamlLoader) if text.strip() else None)
+        except (yaml.YAMLError, ValueError) as e:
             problems.append(f"override {item!r} cannot be applied: {_yaml_problem(e)}")
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        problems.append(f"interpolation failed: {_first_line(e)}")
-        raw = {}
-    return raw, problems
+    if _interpolated(data):
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+        except OmegaConfBaseException as e:
+            problems.append(f"interpolation failed: {_first_line(e)}")
+            data = {}
+    return data, problems
+
+
+def _interpolated(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_interpolated(v) for v in value.values())
+    return isinstance(value, list) and any(_interpolated(v) for v in value)
+
+
+def plain_copy(value: Any) -> Any:
+    """A deep copy of YAML data (mappings, lists, scalars; a tuple becomes a list), sharing no mutable part."""
+    if isinstance(value, Mapping):
+        return {k: plain_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_copy(v) for v in value]
+    return value
+
+
+def merge_into(dst: dict, src: Mapping) -> dict:
+    """OmegaConf.merge's rule on plain data: mappings merge key by key; lists and scalars replace."""
+    for key, value in src.items():
+        if isinstance(dst.get(key), dict) and isinstance(value, Mapping):
+            merge_into(dst[key], value)
+        else:
+            dst[key] = plain_copy(value)
+    return dst
+
+
+def put(cfg: dict, key: str, value: Any) -> None:
+    """Set a dotted key (merge.density, adapters.1.weight or adapters[1].weight), creating missing mappings
+    on the way and merging a mapping into a mapping: OmegaConf.update(merge=True, force_add=True)."""
+    parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        at = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"{at} is a list of {len(node)}; {part!r} is not an index into it"
+                                 + (f" (0 to {len(node) - 1})" if node else ""))
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ValueError(f"{at} is {node!r}, not a mapping that could hold {part!r}")
+        if depth == len(parts) - 1:
+            old = node[part] if isinstance(node, list) else node.get(part)
+            node[part] = (merge_into(old, value) if isinstance(old, dict) and isinstance(value, Mapping)
+                          else plain_copy(value))
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def _first_line(e: BaseException) -> str:
@@ -116,11 +196,12 @@ def _yaml_problem(e: BaseException) -> str:
 def validate(raw: Mapping[str, Any], pending: Collection[str] = ()) -> MergeConfig:
     """Check everything, collect every problem, then build the frozen config.
 
-    `pending` are adapter paths that another merge of the same batch will write: not checked on disk yet.
+    `pending` are the real paths (os.path.realpath) of adapters that another merge of the same batch will
+    write: not checked on disk yet.
     """
     p: list[str] = []
     sections = _check_keys(raw, MergeConfig, "", p)
-    adapters = _adapters(raw.get("adapters"), p, {os.path.realpath(x) for x in pending})
+    adapters = _adapters(raw.get("adapters"), p, pending)
     merge = build_section(MergeSpec, sections.get("merge"), "merge", p)
     output = build_section(OutputSpec, sections.get("output"), "output", p)
     runtime = build_section(RuntimeSpec, sections.get("runtime"), "runtime", p)
@@ -243,19 +324,30 @@ def _adapters(raw: Any, p: list[str], pending: Collection[str] = ()) -> list[Ada
             specs.append(spec)
             continue
         path = Path(spec.path).expanduser()
-        problem = None if os.path.realpath(path) in pending else formats.path_problem(str(path), spec.format)
+        real = os.path.realpath(path)
+        problem = None if real in pending else _formats().path_problem(str(path), spec.format)
         if problem:
             p.append(f"{where}.path: {problem}")
         if spec.weight != spec.weight or spec.weight in (float("inf"), float("-inf")):
             p.append(f"{where}.weight: expected a finite number, got {spec.weight}")
-        specs.append(dataclasses.replace(spec, path=os.path.realpath(path)))
+        specs.append(dataclasses.replace(spec, path=real))
     _name_adapters(specs, p)
     return [s for s in specs]
+
+
+def _formats():
+    """adapters/formats.py, imported on use: the adapters import this package's schema."""
+    from distmerge.adapters import formats
+
+    return formats
 
 
 def _check_format_keys(spec: AdapterSpec, where: str, p: list[str]) -> AdapterSpec:
     """format and the per-module weight keys (adapters/formats.py, adapters/weights.py); module_weights
     normalized to ordered (pattern, factor) pairs."""
+    from distmerge.adapters import weights
+
+    formats = _formats()
     one_of(p, f"{where}.format", spec.format, formats.names(), null="detected")
     one_of(p, f"{where}.component", spec.component, formats.COMPONENTS, null="")
     found = [f"{where}.{problem}" for problem in weights.problems(spec)]
@@ -331,7 +423,7 @@ def _check_output(o: OutputSpec, p: list[str]) -> OutputSpec:
     if not o.path:
         p.append("output.path: must name the directory to create, e.g. ./merged")
         return o
-    one_of(p, "output.format", o.format, formats.names(), null="the inputs' format")
+    one_of(p, "output.format", o.format, _formats().names(), null="the inputs' format")
     one_of(p, "output.dtype", o.dtype, schema.DTYPES, null="")
     try:
         parse_size(o.shard_size)
