@@ -7,14 +7,16 @@ import datetime as dt
 import json
 import os
 import platform
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import safetensors
 
 from distmerge._lazy import torch_version
 from distmerge.config.schema import MergeConfig
-from distmerge.plan import Plan, ShardTask
-from distmerge.shard import ShardResult
+
+if TYPE_CHECKING:  # annotations only: shard.py imports output/, which imports this module
+    from distmerge.plan import Plan, ShardTask
+    from distmerge.shard import ShardResult
 
 MANIFEST = "distmerge.json"
 MAX_MANIFEST = 64 * 2**20
