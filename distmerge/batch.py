@@ -169,6 +169,7 @@ class Batch:
         self._hasher: cf.ThreadPoolExecutor | None = None
         self._bar = None
         self._checked: dict[str, tuple[str, list]] = {}  # stale recipes' checks from before the pool started
+        self._previous: dict[str, dict | None] = {}  # each checked recipe's complete earlier output's manifest
         self._shards = [0, 0, 0, 0]  # shards done, shards queued, bytes read, bytes to read: the bar's postfix
         self._unpushed: set[str] = set()  # merged, but the upload failed: "failed", yet its output is complete
         self._uploader: cf.ThreadPoolExecutor | None = None  # pushes run here, so workers get tasks meanwhile
@@ -178,7 +179,7 @@ class Batch:
 
     def check(self, recipe: Recipe) -> tuple[str, list]:
         """(why it must run, or '' if up to date; the opened inputs). Reads manifests and headers only."""
-        prev = previous_output(recipe.config.output.path)
+        prev = self._previous[recipe.name] = previous_output(recipe.config.output.path)
         if prev is not None:
             self.identities.learn(prev)
         for need in recipe.needs:
@@ -213,7 +214,7 @@ class Batch:
                 rows.append(Outcome(name, "would merge", why, p.method, p.rank, p.in_bytes))
                 stale.add(name)
             else:
-                rows.append(Outcome(name, UP_TO_DATE, path=recipe.config.output.path))
+                rows.append(self._kept(recipe))
         return rows
 
     # --- running --------------------------------------------------------------------------------------------
@@ -276,8 +277,16 @@ class Batch:
                 self._waiting.remove(name)
                 self._up_to_date(recipe, t0)
 
+    def _kept(self, recipe: Recipe) -> Outcome:
+        """An up-to-date recipe's row, with the method, rank and size its output's manifest records."""
+        prev = self._previous.get(recipe.name) or {}
+        method = prev.get("method") if isinstance(prev.get("method"), dict) else {}
+        size = sum(o.get("bytes", 0) for o in prev.get("outputs", []) if str(o.get("file")).endswith(".safetensors"))
+        return Outcome(recipe.name, UP_TO_DATE, method=str(method.get("used") or ""), rank=int(method.get("rank") or 0),
+                       bytes=size, path=recipe.config.output.path)
+
     def _up_to_date(self, recipe: Recipe, t0: float) -> None:
-        up = Outcome(recipe.name, UP_TO_DATE, path=recipe.config.output.path)
+        up = self._kept(recipe)
         if recipe.config.output.push_to_hub and not self._pushed(recipe, up.path):
             up.reason = "not yet pushed where output.push_to_hub says"  # an earlier push failed, or is new
             self._push(up, recipe.config)

@@ -107,7 +107,8 @@ def test_a_batch_reads_each_shared_adapters_headers_once(shelf, tmp_path, capsys
 
 def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, monkeypatch):
     zoo_path = _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo"))
-    assert _batch(capsys, zoo_path)[0] == 0
+    code, _, first = _batch(capsys, zoo_path)
+    assert code == 0
     before = {r.name: _weights(Path(r.config.output.path)) for r in load_zoo(zoo_path).recipes}
 
     def no_tensors(*a, **k):
@@ -117,6 +118,10 @@ def test_up_to_date_reads_no_tensor_and_hashes_nothing(shelf, tmp_path, capsys, 
     code, out, report = _batch(capsys, zoo_path)
     assert code == 0 and {r["status"] for r in report.values()} == {"up to date"}, out
     assert json.loads((tmp_path / "zoo" / "batch_report.json").read_text())["inputs_hashed"] == 0
+    # an up-to-date row says what the output is, from its manifest: the method, rank and size it was merged with
+    keep = ("method", "rank", "bytes")
+    assert {n: [r[k] for k in keep] for n, r in report.items()} == {n: [r[k] for k in keep] for n, r in first.items()}
+    assert all(r["method"] and r["rank"] > 0 and r["bytes"] > 0 for r in report.values()), report
     monkeypatch.undo()
 
     # the same bytes with a new mtime: hashed again, not merged again
