@@ -23,8 +23,6 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from tqdm.auto import tqdm
-
 from distmerge.adapters.pin import Stamp, sha256_pinned
 from distmerge.config.units import format_size
 from distmerge.config.zoo import Recipe, Zoo
@@ -35,6 +33,7 @@ from distmerge.output.assemble import write_json
 from distmerge.output.manifest import read_manifest
 from distmerge.output.owner import BatchLock, written_by_us
 from distmerge.plan import ShardTask, build_plan
+from distmerge.progress import bar
 from distmerge.shard import ShardResult
 from distmerge.sources import Opened, open_inputs
 
@@ -239,8 +238,7 @@ class Batch:
 
     def run(self, progress: bool = True) -> list[Outcome]:
         with BatchLock(self.lock_dir(), self.zoo.source):
-            self._bar = tqdm(total=len(self.selected), unit="recipe", desc="recipes",
-                             disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
+            self._bar = bar(progress, total=len(self.selected), unit="recipe", desc="recipes")
             try:
                 self._settle()
                 if self._waiting:  # something to merge: only now a pool (on Ray: ray.init and the actors)

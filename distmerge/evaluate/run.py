@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -267,7 +266,7 @@ def check_output(directory: str) -> None:
 
 def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[Candidate] = ()) -> EvalRun:
     """Score the base, the sources and every candidate on every task; write the report; return it."""
-    from tqdm.auto import tqdm
+    from distmerge.progress import bar as progress_bar
 
     from distmerge.adapters.formats import lora_file
     from distmerge.evaluate.data import read_task
@@ -358,8 +357,7 @@ def evaluate(config, overrides: Iterable[str] = (), extra_candidates: Iterable[C
 
     evaluated = sum(len(i.tasks) for i in items)
     if items:  # nothing new to score: no worker, no base model loaded
-        bar = tqdm(total=len(items), unit="adapter", desc="evaluate",
-                   disable=not cfg.runtime.progress or not sys.stderr.isatty(), dynamic_ncols=True)
+        bar = progress_bar(cfg.runtime.progress, total=len(items), unit="adapter", desc="evaluate")
         try:
             with make_pool(cfg, base) as pool:
                 log.info("evaluating %d adapters (%d scores; %d cached) on %s", len(items), evaluated, cached,
