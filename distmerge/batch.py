@@ -32,7 +32,7 @@ from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_f
 from distmerge.output.assemble import write_json
 from distmerge.output.manifest import read_manifest
 from distmerge.output.owner import BatchLock, written_by_us
-from distmerge.plan import ShardTask, build_plan
+from distmerge.planner import ShardTask, build_plan
 from distmerge.progress import bar
 from distmerge.shard import ShardResult
 from distmerge.sources import Opened, open_inputs

@@ -11,7 +11,7 @@ from typing import Iterable
 from distmerge.config import ConfigSource, format_size, load_config
 from distmerge.executors import make_executor
 from distmerge.job import Job, MergeResult
-from distmerge.plan import Plan, ShardTask, build_plan
+from distmerge.planner import Plan, ShardTask, build_plan
 from distmerge.progress import Progress
 from distmerge.shard import ShardResult
 from distmerge.sources import open_inputs

@@ -27,7 +27,7 @@ from distmerge.output.formats import write_output
 from distmerge.output.manifest import MANIFEST, build_manifest
 from distmerge.output.owner import check_target
 from distmerge.output.staging import Staging
-from distmerge.plan import Plan, ShardTask, build_plan, default_num_tasks
+from distmerge.planner import Plan, ShardTask, build_plan, default_num_tasks
 from distmerge.shard import ShardResult
 from distmerge.sources import local_dirs, open_inputs
 

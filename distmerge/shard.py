@@ -24,7 +24,7 @@ from distmerge.errors import MergeError
 from distmerge.methods import registry
 from distmerge.methods.base import Factors, ModuleContext, Scratch
 from distmerge.output.safetensors_io import Spec, StreamWriter
-from distmerge.plan import ModuleJob, ShardTask, Source
+from distmerge.planner import ModuleJob, ShardTask, Source
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,15 @@ def test_every_module_imports_first_and_alone():
         if done.returncode != 0:
             failed[name] = (done.stderr.strip().splitlines() or ["?"])[-1]
     assert failed == {}, failed
+
+
+def test_the_packages_names_survive_their_submodules_imports():
+    """A submodule's first import sets its name on the package: were one named like a lazy attribute (the
+    planner was distmerge/plan.py), `distmerge.plan` would become that module once a merge had run."""
+    probe = ("import inspect, distmerge, distmerge.batch, distmerge.driver\n"
+             "from distmerge import plan, merge, load_config, MergeConfig, DistmergeError, MergeResult\n"
+             "assert all(inspect.isfunction(f) for f in (plan, merge, load_config, distmerge.plan)), distmerge.plan\n"
+             "assert all(inspect.isclass(c) for c in (MergeConfig, DistmergeError, MergeResult))\n"
+             "assert distmerge.config.load_config is load_config and 'merge' in dir(distmerge)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -26,7 +26,7 @@ def add_parser(subs) -> None:
 def run(args) -> int:
     from distmerge.config import load_config
     from distmerge.sources import open_inputs
-    from distmerge.plan import build_plan, default_num_tasks
+    from distmerge.planner import build_plan, default_num_tasks
 
     cfg = load_config(args.config, args.overrides)
     plan = build_plan(cfg, open_inputs(cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from distmerge.plan import ShardTask
+from distmerge.planner import ShardTask
 from distmerge.shard import ShardResult
 
 

@@ -25,7 +25,7 @@ from typing import Sequence
 from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import ExecutorError
 from distmerge.executors.base import Feed, stalled
-from distmerge.plan import ShardTask
+from distmerge.planner import ShardTask
 from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 
 log = logging.getLogger("distmerge")

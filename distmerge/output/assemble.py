@@ -9,7 +9,7 @@ from typing import Sequence
 from distmerge.adapters.header import TensorInfo, read_header
 from distmerge.errors import output_error
 from distmerge.output.safetensors_io import copy_tensors, sha256_file
-from distmerge.plan import INDEX_FILE, SINGLE_FILE, Plan
+from distmerge.planner import INDEX_FILE, SINGLE_FILE, Plan
 
 
 def write_files(plan: Plan, tensors: dict[str, TensorInfo], dest: str,

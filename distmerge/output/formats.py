@@ -19,7 +19,7 @@ from distmerge.adapters.formats import DIFFUSERS_FILE, FORMATS, METADATA_KEY, pi
 from distmerge.adapters.header import TensorInfo
 from distmerge.output.assemble import write_files, write_json
 from distmerge.output.safetensors_io import write_renamed
-from distmerge.plan import Plan
+from distmerge.planner import Plan
 
 Writer = Callable[[Plan, dict[str, TensorInfo], str, str, dict[str, str]], dict[str, str]]
 

@@ -15,7 +15,7 @@ from distmerge._lazy import torch_version
 from distmerge.config.schema import MergeConfig
 
 if TYPE_CHECKING:  # annotations only: shard.py imports output/, which imports this module
-    from distmerge.plan import Plan, ShardTask
+    from distmerge.planner import Plan, ShardTask
     from distmerge.shard import ShardResult
 
 MANIFEST = "distmerge.json"
