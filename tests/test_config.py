@@ -100,6 +100,10 @@ YAML_CASES = {
                          "k: '1e3'\nl: [1, 2.5e+2, -3.]\n",
     "anchors, merge keys, interpolation": "base: &b {x: 1, y: 2}\nm:\n  <<: *b\n  y: 3\nn: ${m.y}\no: ${base}\n",
     "empty": "",
+    # a merge that builds on a merge (PyYAML 6.0.4's own flattening refuses this as a duplicate key)
+    "chained merge keys": "a: &a {density: 0.1, method: ties}\nb: &b {<<: *a, density: 0.5}\nc: {<<: *b, seed: 1}\n",
+    # in a merge list the first mapping wins (PyYAML 6.0.4 lets the last win for keys longer than a letter)
+    "merge list precedence": "a: &a {method: ties, density: 0.1}\nb: &b {method: svd}\nn: {<<: [*a, *b]}\n",
 }
 
 
@@ -108,7 +112,7 @@ def test_a_file_reads_as_omegaconf_reads_it(case, tmp_path):
     """distmerge reads YAML itself (OmegaConf only resolves ${...}); OmegaConf.load is the oracle."""
     from omegaconf import OmegaConf
 
-    from distmerge.config.load import read_document
+    from distmerge.config.document import read_document
 
     path = tmp_path / "c.yaml"
     path.write_text(YAML_CASES[case])
@@ -120,25 +124,61 @@ def test_overrides_on_plain_data_follow_omegaconf_update(tmp_path):
     an alias is unshared first, so an override of one place does not change the other."""
     from omegaconf import OmegaConf
 
-    from distmerge.config.load import read_document
+    from distmerge.config.document import read_document
 
-    text = "defaults: &d {merge: {method: ties}}\nother: *d\nadapters: [{path: a}, {path: b}]\n"
+    text = ("defaults: &d {merge: {method: ties}}\nother: *d\nadapters: [{path: a}, {path: b}]\n"
+            "linked: ${defaults}\n")
     overrides = ["defaults.merge.density=0.5", "adapters.1.weight=-1", "adapters[0].name=x", "new.deep.key=3",
-                 "defaults.merge={seed: 4}", "other.merge=null"]
+                 "defaults.merge={seed: 4}", "other.merge=null", "adapters[-1].weight=9", "adapters.-2.weight=7",
+                 "defaults[merge].tag=a", "linked.merge.through=1"]  # the last two: OmegaConf's own grammar
     (tmp_path / "c.yaml").write_text(text)
     oracle = OmegaConf.load(tmp_path / "c.yaml")
     for item in overrides:
         key, _, value = item.partition("=")
         OmegaConf.update(oracle, key, yaml.safe_load(value), merge=True, force_add=True)
     raw, problems = read_document(str(tmp_path / "c.yaml"), overrides)
-    assert problems == [] and raw == OmegaConf.to_container(oracle)
-    assert raw["defaults"]["merge"] == {"method": "ties", "density": 0.5, "seed": 4} and raw["other"]["merge"] is None
+    assert problems == [] and raw == OmegaConf.to_container(oracle, resolve=True)
+    assert raw["other"]["merge"] is None and raw["adapters"][1]["weight"] == 9 and raw["adapters"][0]["weight"] == 7
+    assert raw["defaults"]["merge"] == {"method": "ties", "density": 0.5, "seed": 4, "tag": "a", "through": 1}
 
     raw, problems = read_document(str(tmp_path / "c.yaml"), ["adapters.2.weight=1", "defaults.merge.method.x=1"])
     assert problems == [
         "override 'adapters.2.weight=1' cannot be applied: adapters is a list of 2; '2' is not an index into it "
-        "(0 to 1)",
+        "(0 to 1, or -1 for the last)",
         "override 'defaults.merge.method.x=1' cannot be applied: defaults.merge.method is 'ties', not a mapping "
         "that could hold 'x'"], problems
     raw, problems = read_document(str(tmp_path / "c.yaml"), ["merge.density=${nowhere}"])
     assert problems and problems[0].startswith("interpolation failed")
+
+
+def test_alias_bombs_and_recursive_aliases_are_refused_not_expanded(tmp_path):
+    """OmegaConf's guard, kept: a few lines of aliases must not expand into millions of nodes."""
+    from distmerge.config.document import read_document
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef"))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    raw, problems = read_document(str(tmp_path / "bomb.yaml"), [])
+    assert raw == {} and len(problems) == 1 and "YAML aliases expand the document" in problems[0], problems
+    (tmp_path / "loop.yaml").write_text("a: &a {b: *a}\n")
+    raw, problems = read_document(str(tmp_path / "loop.yaml"), [])
+    assert raw == {} and "recursive aliases" in problems[0], problems
+    # an honest big file (a zoo of 600 recipes, ~13,000 nodes) is read whole; OmegaConf.load refuses it (its
+    # 10,000-node cap, meant for aliases, counts every node)
+    zoo = {"recipes": [{"name": f"r{i}", "adapters": [{"path": f"/a/{j}", "weight": 0.25} for j in range(4)]}
+                       for i in range(600)]}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(zoo))
+    assert read_document(str(tmp_path / "big.yaml"), []) == (zoo, [])
+
+
+def test_sources_holding_omegaconf_nodes_or_schema_sections(adapter_sets, tmp_path):
+    """A dict may hold OmegaConf containers or schema dataclasses, as OmegaConf.create accepted them."""
+    from omegaconf import OmegaConf
+
+    from distmerge.config.schema import MergeSpec
+
+    cfg = _base(adapter_sets, tmp_path)
+    cfg["adapters"] = OmegaConf.create(cfg["adapters"])
+    cfg["merge"] = MergeSpec(method="ties", density=0.5)
+    assert load_config(cfg, ["adapters.0.weight=2"]).adapters[0].weight == 2.0
+    assert load_config(OmegaConf.create(_base(adapter_sets, tmp_path)), ["merge.density=0.25"]).merge.density == 0.25

@@ -103,3 +103,15 @@ def test_nested_outputs_and_bad_grids_are_refused(shelf, tmp_path):
     text = "\n".join(e.value.problems)
     assert "inside recipe 'x''s output" in text
     assert "recipe 'y': grid.runtime.device" in text and "recipe 'z': grid.merge.density" in text
+
+
+def test_a_default_section_that_is_not_a_mapping_is_a_config_error(shelf, tmp_path):
+    doc = _doc(shelf, tmp_path, {"name": "x", "adapters": [str(shelf / "sql")],
+                                 "grid": {"adapters.5.weight": [1.0]}})
+    doc["defaults"] = {"output": "fast"}
+    with pytest.raises(ConfigError) as e:
+        load_zoo(_zoo(tmp_path, doc))
+    assert e.value.problems == [
+        "defaults.output: expected a mapping of output keys, got 'fast'",
+        "recipe 'x/weight=1.0': grid.adapters.5.weight cannot be applied: adapters is a list of 1; '5' is not an "
+        "index into it (0 to 0, or -1 for the last)"], e.value.problems

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from distmerge.config.load import ConfigSource, _check_runtime, build_section, one_of, read_document, suggest
+from distmerge.config.document import read_document
+from distmerge.config.load import ConfigSource, _check_runtime, build_section, one_of, suggest
 from distmerge.config.schema import DTYPES, RuntimeSpec
 from distmerge.errors import ConfigError
 

@@ -1,9 +1,7 @@
 """YAML + key=value overrides → one frozen, validated `MergeConfig`.
 
-The file is read with OmegaConf's YAML rules and overrides are its dotlist (torchtune's way); OmegaConf
-itself is imported only to resolve a document's `${...}` interpolations, since building a DictConfig of
-a 50-recipe zoo took longer than checking the whole zoo was up to date. The checks are ours, so that
-every problem is collected and reported at once with its key path and a fix.
+config/document.py reads the file and applies the overrides (OmegaConf's YAML rules and dotlist); the
+checks are ours, so that every problem is collected and reported at once with its key path and a fix.
 """
 
 from __future__ import annotations
@@ -12,15 +10,13 @@ import dataclasses
 import difflib
 import functools
 import os
-import re
-import sys
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Union
 
-import yaml
 
 from distmerge.config import schema
+from distmerge.config.document import read_document
 from distmerge.config.schema import AdapterSpec, MergeConfig, MergeSpec, OutputSpec, RuntimeSpec
 from distmerge.config.units import parse_size
 from distmerge.errors import ConfigError
@@ -29,35 +25,6 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], "DictConfig", MergeConfig]
-
-
-class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """OmegaConf's YAML rules (omegaconf/_yaml.py), so a file means what OmegaConf would read: YAML 1.2
-    numbers (1e-3 is a float, not a string), dates left as strings, and a key given twice refused."""
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        seen = set()
-        for key, _ in node.value:
-            if key.tag == yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
-                if key.value in seen:
-                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                            f"found duplicate key {key.value}", key.start_mark)
-                seen.add(key.value)
-        super().flatten_mapping(node)
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
-        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
-        |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()}
 
 
 def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeConfig:
@@ -77,117 +44,6 @@ def load_config(source: ConfigSource, overrides: Iterable[str] = ()) -> MergeCon
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def read_document(source: ConfigSource, overrides: list[str],
-                  keys: str = "adapters, merge, output and runtime") -> tuple[dict, list[str]]:
-    """A YAML file, dict or DictConfig with key=value overrides applied, as plain data; and what went wrong."""
-    problems: list[str] = []
-    omegaconf = sys.modules.get("omegaconf")  # a DictConfig exists only where omegaconf is imported
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                return {}, [f"config file {str(path)!r} does not exist; pass the path of a YAML file "
-                            f"such as configs/quickstart.yaml"]
-            with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_YamlLoader)
-            data = {} if data is None else plain_copy(data)  # a YAML alias is one object: unshare it
-        elif omegaconf is not None and isinstance(source, omegaconf.DictConfig):
-            data = omegaconf.OmegaConf.to_container(source, resolve=False)
-        elif isinstance(source, Mapping):
-            data = plain_copy(source)  # never the caller's dict: overrides write into it
-        else:
-            return {}, [f"config must be a YAML path, a dict or a DictConfig, got {type(source).__name__}"]
-    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as e:
-        return {}, [f"cannot read config {source!s}: {_yaml_problem(e)}"]
-    if not isinstance(data, dict):
-        return {}, [f"the config's top level must be a mapping with {keys}"]
-
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"override {item!r} is not key=value; write for example merge.density=0.5")
-            continue
-        try:
-            put(data, key.strip(), yaml.load(text, Loader=_YamlLoader) if text.strip() else None)
-        except (yaml.YAMLError, ValueError) as e:
-            problems.append(f"override {item!r} cannot be applied: {_yaml_problem(e)}")
-    if _interpolated(data):
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-
-        try:
-            data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-        except OmegaConfBaseException as e:
-            problems.append(f"interpolation failed: {_first_line(e)}")
-            data = {}
-    return data, problems
-
-
-def _interpolated(value: Any) -> bool:
-    if isinstance(value, str):
-        return "${" in value
-    if isinstance(value, dict):
-        return any(_interpolated(v) for v in value.values())
-    return isinstance(value, list) and any(_interpolated(v) for v in value)
-
-
-def plain_copy(value: Any) -> Any:
-    """A deep copy of YAML data (mappings, lists, scalars; a tuple becomes a list), sharing no mutable part."""
-    if isinstance(value, Mapping):
-        return {k: plain_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_copy(v) for v in value]
-    return value
-
-
-def merge_into(dst: dict, src: Mapping) -> dict:
-    """OmegaConf.merge's rule on plain data: mappings merge key by key; lists and scalars replace."""
-    for key, value in src.items():
-        if isinstance(dst.get(key), dict) and isinstance(value, Mapping):
-            merge_into(dst[key], value)
-        else:
-            dst[key] = plain_copy(value)
-    return dst
-
-
-def put(cfg: dict, key: str, value: Any) -> None:
-    """Set a dotted key (merge.density, adapters.1.weight or adapters[1].weight), creating missing mappings
-    on the way and merging a mapping into a mapping: OmegaConf.update(merge=True, force_add=True)."""
-    parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
-    node: Any = cfg
-    for depth, part in enumerate(parts):
-        at = ".".join(parts[:depth]) or "the config"
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"{at} is a list of {len(node)}; {part!r} is not an index into it"
-                                 + (f" (0 to {len(node) - 1})" if node else ""))
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ValueError(f"{at} is {node!r}, not a mapping that could hold {part!r}")
-        if depth == len(parts) - 1:
-            old = node[part] if isinstance(node, list) else node.get(part)
-            node[part] = (merge_into(old, value) if isinstance(old, dict) and isinstance(value, Mapping)
-                          else plain_copy(value))
-        else:
-            if isinstance(node, dict) and node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _yaml_problem(e: BaseException) -> str:
-    """A YAML error on one line, with what it found and where ("found duplicate key density at line 3")."""
-    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-    if not problem:
-        return _first_line(e)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    context = getattr(e, "context", None)
-    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 # --- validation -------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from distmerge.config.load import (ConfigSource, build_section, merge_into, plain_copy, put, read_document, suggest,
-                                   validate)
+from distmerge.config.document import merge_into, plain_copy, put, read_document
+from distmerge.config.load import ConfigSource, build_section, suggest, validate
 from distmerge.config.schema import MergeConfig, RuntimeSpec
 from distmerge.errors import ConfigError
 
@@ -83,10 +83,13 @@ def _expand(raw: Mapping[str, Any], source: str, p: list[str]) -> Zoo:
     if not isinstance(defaults, Mapping):
         p.append(f"defaults: expected a mapping of merge-config sections, got {defaults!r}")
         defaults = {}
-    for key in defaults:
+    for key in list(defaults):
         if key not in DEFAULT_KEYS:
             why = "adapters belong to each recipe" if key == "adapters" else f"one of {', '.join(DEFAULT_KEYS)}"
             p.append(f"defaults.{key}: unknown key{suggest(key, DEFAULT_KEYS)} ({why})")
+        elif defaults[key] is not None and not isinstance(defaults[key], Mapping):
+            p.append(f"defaults.{key}: expected a mapping of {key} keys, got {defaults[key]!r}")
+            defaults = {k: v for k, v in defaults.items() if k != key}
     root = raw.get("output_root")
     if root is not None and not isinstance(root, str):
         p.append(f"output_root: expected a directory path, got {root!r}")
