@@ -407,13 +407,19 @@ def test_bin_adapters_are_known_by_their_weights_not_their_config(world, local_r
     assert scores[("rev_bin", "rev")] < scores[("succ_bin", "rev")] - 0.5  # loss: rev's own adapter is far better
 
 
-def test_a_base_model_transformers_cannot_load_is_a_one_line_error_and_writes_nothing(world, tmp_path, capsys):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_base_model_transformers_cannot_load_is_a_one_line_error_and_writes_nothing(world, tmp_path, capsys,
+                                                                                     executor, request):
+    """On Ray too: the actor's load error comes back as the user's error, not as "no worker started"."""
     from distmerge.cli import main
 
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
     bad = tmp_path / "bad-base"
     bad.mkdir()
     (bad / "config.json").write_text("{}")
-    cfg = E.eval_config(world, tmp_path / "out", [])
+    on_ray = {"num_workers": 2, "cpus_per_worker": 0.5} if executor == "ray" else {}
+    cfg = E.eval_config(world, tmp_path / "out", [], executor=executor, **on_ray)
     cfg["base_model"] = str(bad)
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["evaluate", str(tmp_path / "eval.yaml")]) == 2

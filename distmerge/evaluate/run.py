@@ -208,6 +208,7 @@ class LocalPool:
                 return
             if self._worker is None:
                 self._worker = EvalWorker(*self._args)
+                self._worker.ping()  # an unloadable base model: the user's error, raised here (exit 2)
             try:
                 result = self._worker.run(item)
             except Exception as e:  # a bad adapter (shapes that do not fit the base) fails that candidate only

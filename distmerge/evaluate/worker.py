@@ -237,14 +237,22 @@ class EvalWorker:
         from distmerge.executors.ray import _start_hooks
 
         _start_hooks()
+        from distmerge.errors import DistmergeError
+
         self._args = (base_model, dtype, device)
         self.threads = threads  # runtime.cpus_per_worker, as for merging: the same scores on every executor
-        with _threads(threads):
-            self.evaluator = Evaluator(*self._args)
+        self.evaluator, self._error = None, None
+        try:
+            with _threads(threads):
+                self.evaluator = Evaluator(*self._args)
+        except DistmergeError as e:  # a base model that cannot be loaded: said by ping(), as a task's error carries
+            self._error = e          # its cause back to the driver, where a dead Ray actor carries only text
 
     def ping(self) -> tuple[str, str]:
         import socket
 
+        if self._error is not None:
+            raise self._error
         return socket.gethostname(), self.evaluator.device
 
     def run(self, item: EvalItem) -> EvalResult:

@@ -23,7 +23,7 @@ from collections import deque
 from typing import Sequence
 
 from distmerge.config.schema import RuntimeSpec
-from distmerge.errors import ExecutorError
+from distmerge.errors import DistmergeError, ExecutorError
 from distmerge.executors.base import Feed, stalled, wait_for_feed
 from distmerge.planner import ShardTask
 from distmerge.shard import ShardResult, WorkerMemory, merge_shard
@@ -369,6 +369,8 @@ class RayExecutor:
                 try:
                     ray.get(ref)
                 except RayError as e:  # the actor died starting (runtime env, import, node lost)
+                    if isinstance(getattr(e, "cause", None), DistmergeError):
+                        raise e.cause from None  # its worker found the user's inputs wrong (an unloadable base model)
                     errors.append(_first_line(e))
                     ray.kill(self._workers[slot], no_restart=True)
                     self._workers[slot] = None
