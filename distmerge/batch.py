@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import logging
 import os
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from distmerge.config.units import format_size
 from distmerge.config.zoo import Recipe, Zoo
 from distmerge.errors import DistmergeError, OutputError, output_error
 from distmerge.executors import make_executor, resolve_executor_name
-from distmerge.job import Job, MergeResult, file_sha256, fingerprint, fingerprint_id, input_files
+from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
 from distmerge.output.manifest import read_manifest
 from distmerge.output.owner import BatchLock, written_by_us
@@ -66,8 +65,6 @@ class Identities:
     def __init__(self) -> None:
         self._known: dict[tuple[str, int, int, int], str] = {}
         self.hashed: list[str] = []  # the files this run actually read, for the report and the tests
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}  # one per file: the hasher and assembly threads ask too
 
     def learn(self, manifest: dict) -> None:
         for entry in manifest.get("inputs") or []:
@@ -87,16 +84,13 @@ class Identities:
 
     def sha(self, path: str, stamp: Stamp | None, owner: str) -> str:
         key = (path, stamp.size, stamp.mtime_ns, stamp.ctime_ns) if stamp is not None else None
-        with self._guard:
-            lock = self._locks.setdefault(path, threading.Lock())
-        with lock:  # a file two threads need is read once
-            if key in self._known:
-                return self._known[key]
-            digest = sha256_pinned(path, stamp, owner)
-            self.hashed.append(path)
-            if key is not None:
-                self._known[key] = digest
-            return digest
+        if key in self._known:
+            return self._known[key]
+        digest = sha256_pinned(path, stamp, owner)
+        self.hashed.append(path)
+        if key is not None:
+            self._known[key] = digest
+        return digest
 
 
 def previous_output(path: str) -> dict | None:
@@ -179,8 +173,6 @@ class Batch:
         self._unpushed: set[str] = set()  # merged, but the upload failed: "failed", yet its output is complete
         self._uploader: cf.ThreadPoolExecutor | None = None  # pushes run here, so workers get tasks meanwhile
         self._uploads: dict[str, tuple[Outcome, cf.Future]] = {}
-        self._assembler: cf.ThreadPoolExecutor | None = None  # assembles finished recipes beside the pool
-        self._assembling: dict[str, tuple[Job, cf.Future]] = {}
 
     # --- deciding -----------------------------------------------------------------------------------------
 
@@ -256,15 +248,9 @@ class Batch:
                         self._parallelism, self._executor = pool.parallelism, pool.name
                         self._hasher = None if pool.in_process else hasher
                         self._uploader = uploader
-                        self._assembler = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="assemble")
                         pool.run(self)
                         self._uploads_done(wait=True)
             finally:
-                if self._assembler is not None:  # all assembled, unless stopped early (an error, SIGTERM):
-                    self._assembler.shutdown(wait=True, cancel_futures=True)  # then the running one ends, no other
-                for job, future in self._assembling.values():
-                    if future.cancelled():
-                        job.__exit__(None, None, None)  # its staging goes; a finished one cleaned up itself
                 for job in self._jobs.values():
                     job.__exit__(None, None, None)
                 self._bar.close()
@@ -311,20 +297,12 @@ class Batch:
         return os.path.dirname(os.path.abspath(self.zoo.source))
 
     def next_task(self) -> ShardTask | None:
-        self._assembled(wait=False)
         while not self._queue and self._start_next():
             pass
         return self._queue.popleft() if self._queue else None
 
     def finished(self) -> bool:
-        return not self._waiting and not self._jobs and not self._assembling
-
-    def wait(self) -> bool:
-        """The pool is idle and no task is ready: wait for a recipe being assembled (its dependents may start)."""
-        if not self._assembling:
-            return False
-        self._assembled(wait=True)
-        return True
+        return not self._waiting and not self._jobs
 
     def _start_next(self) -> bool:
         """Resolve recipes in order until one has tasks queued; False when none can start now."""
@@ -382,34 +360,15 @@ class Batch:
         if job is None or not job.add(task, result):
             return  # the rest of a job that failed, or not its last shard
         del self._jobs[task.job]
-        # assembled on a thread (byte copies, input and output sha256s: a tenth of a batch's first run here), so
-        # the pool gets the next recipes' shards meanwhile; its dependents start once it is recorded
-        self._assembling[task.job] = (job, self._assembler.submit(self._assemble, job))
-        self._assembled(wait=False)
-
-    def _assemble(self, job: Job) -> MergeResult | DistmergeError:
         try:
-            return job.finish(self._executor)
+            r = job.finish(self._executor)
         except DistmergeError as e:
-            return e
+            self._record(Outcome(task.job, FAILED, str(e)))
+            return
         finally:
             job.__exit__(None, None, None)
-
-    def _assembled(self, wait: bool) -> None:
-        """Record the recipes whose assembly has ended (waiting for the first to end, if `wait`), in order."""
-        if wait and self._assembling:
-            cf.wait([f for _job, f in self._assembling.values()], return_when=cf.FIRST_COMPLETED)
-        for name, (job, future) in list(self._assembling.items()):
-            if future.done():
-                del self._assembling[name]
-                self._merged(job, future.result())  # a bug in the assembly (not a DistmergeError) raises here
-
-    def _merged(self, job: Job, r: MergeResult | DistmergeError) -> None:
-        if isinstance(r, DistmergeError):
-            self._record(Outcome(job.name, FAILED, str(r)))
-            return
         out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
-        done = Outcome(job.name, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
+        done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
         if job.cfg.output.push_to_hub and self._uploader is not None:
             # Uploaded on a thread while the pool merges on: the output is complete, so the recipes that merge
             # it may start now (they would even if the push failed); the recipe's line waits for the push.

@@ -77,39 +77,6 @@ def test_batch_bytes_equal_each_recipe_alone(shelf, tmp_path, capsys):
     assert "support-bot" in out and "merged" in out
 
 
-def test_the_pool_merges_the_next_recipe_while_one_is_assembled(shelf, tmp_path, capsys, monkeypatch):
-    """support-bot's assembly waits (up to 20 s) for a shard of all-code, the next recipe, to be merged, which
-    happens only if assemblies run beside the pool, not in its loop; mix, which merges both, starts after
-    both are recorded."""
-    from distmerge.executors import local as local_module
-    from distmerge.job import Job
-
-    events: list[tuple[str, str]] = []
-    real_merge, real_finish = local_module.merge_shard, Job.finish
-
-    def merge_shard(task, memory):
-        events.append(("shard", task.job))
-        return real_merge(task, memory)
-
-    def finish(job, executor):
-        if job.name == "support-bot":
-            deadline = time.monotonic() + 20
-            while ("shard", "all-code") not in events and time.monotonic() < deadline:
-                time.sleep(0.02)
-            events.append(("overlapped", str(("shard", "all-code") in events)))
-        result = real_finish(job, executor)
-        events.append(("assembled", job.name))
-        return result
-
-    monkeypatch.setattr(local_module, "merge_shard", merge_shard)
-    monkeypatch.setattr(Job, "finish", finish)
-    code, out, report = _batch(capsys, _write(tmp_path, zoo_doc(shelf, tmp_path / "zoo")))
-    assert code == 0 and {r["status"] for r in report.values()} == {"merged"}, out
-    assert ("overlapped", "True") in events, events
-    first_mix = events.index(("shard", "mix"))
-    assert first_mix > max(events.index(("assembled", "support-bot")), events.index(("assembled", "all-code")))
-
-
 def test_a_batch_reads_each_shared_adapters_headers_once(shelf, tmp_path, capsys, monkeypatch):
     """Recipes share adapters (support-bot and the four sweep points all merge sql and chat): an up-to-date
     rerun opens each adapter file once, and a file changed since is read again."""

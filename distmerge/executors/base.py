@@ -28,9 +28,6 @@ class Feed(Protocol):
         """A task failed: a DistmergeError for a data reason, anything else a bug or a resource failure
         (out of memory). Raise to stop the pool, or record it and go on."""
 
-    # optional: def wait(self) -> bool, for a feed with work of its own in the background (a batch assembling a
-    # recipe, whose dependents start after it): block until some of it ends; False if there was none.
-
 
 class Executor(Protocol):
     name: str
@@ -46,13 +43,6 @@ class Executor(Protocol):
 
     def run(self, feed: Feed) -> None:
         """Run tasks until the feed is finished."""
-
-
-def wait_for_feed(feed: Feed) -> bool:
-    """No task is ready and none runs: let the feed finish its background work, if it has any. True when it
-    did (ask it for tasks again), False when it had none (it is finished, or stalled)."""
-    wait = getattr(feed, "wait", None)  # only a batch has background work; a single merge's feed has none
-    return bool(wait is not None and wait())
 
 
 def stalled() -> AssertionError:

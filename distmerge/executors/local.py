@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distmerge.executors.base import Feed, stalled, wait_for_feed
+from distmerge.executors.base import Feed, stalled
 from distmerge.shard import WorkerMemory, merge_shard
 
 
@@ -26,8 +26,6 @@ class LocalExecutor:
             if task is None:
                 if feed.finished():
                     return
-                if wait_for_feed(feed):
-                    continue
                 raise stalled()
             try:
                 result = merge_shard(task, self._memory)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from distmerge.config.schema import RuntimeSpec
 from distmerge.errors import DistmergeError, ExecutorError
-from distmerge.executors.base import Feed, stalled, wait_for_feed
+from distmerge.executors.base import Feed, stalled
 from distmerge.planner import ShardTask
 from distmerge.shard import ShardResult, WorkerMemory, merge_shard
 
@@ -482,12 +482,8 @@ class RayExecutor:
                 if idle:  # a free worker and no task for it
                     if feed.finished():
                         return end()
-                    if wait_for_feed(feed):  # a recipe being assembled, whose dependents may then start
-                        continue
                     raise stalled()
                 if all(asked_at is None for _slot, asked_at in starting.values()):  # none will come for sure
-                    if not retry and not feed.finished() and wait_for_feed(feed):
-                        continue
                     if not retry and feed.finished():
                         return end()
                     raise ExecutorError(f"shards left and no Ray worker to run them: every replacement worker "
