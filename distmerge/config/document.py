@@ -140,10 +140,8 @@ def read_document(source: Any, overrides: list[str],
             problems.append(f"override {item!r} is not key=value; write for example merge.density=0.5")
             continue
         try:
-            value = yaml.load(text, Loader=_YamlLoader) if text.strip() else None
-            if not put(data, key.strip(), value):
-                data = _update_with_omegaconf(data, key.strip(), value)
-        except (yaml.YAMLError, ValueError, IndexError, KeyError) as e:
+            data = set_key(data, key.strip(), yaml.load(text, Loader=_YamlLoader) if text.strip() else None)
+        except (yaml.YAMLError, ValueError) as e:
             problems.append(f"override {item!r} cannot be applied: {yaml_problem(e)}")
     if _interpolated(data):
         from omegaconf import OmegaConf
@@ -157,16 +155,20 @@ def read_document(source: Any, overrides: list[str],
     return data, problems
 
 
-def _update_with_omegaconf(data: dict, key: str, value: Any) -> dict:
-    """An override beyond plain dotted keys (adapters[-1].weight, a['x.y'], a path through a ${...}) applied
-    by OmegaConf.update itself, on the whole document."""
+def set_key(data: dict, key: str, value: Any) -> dict:
+    """OmegaConf.update(data, key, value, merge=True, force_add=True): an override, or a zoo's grid value.
+    Plain dotted keys are set on the plain data (put); the rest of OmegaConf's key grammar (a['x.y'],
+    escapes, a path through a ${...}) by OmegaConf itself, on the whole document. The document, changed;
+    ValueError, in words, for a key that cannot be placed."""
+    if _put(data, key, value):
+        return data
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     cfg = OmegaConf.create(data)
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=True)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, IndexError, KeyError) as e:
         raise ValueError(first_line(e)) from None
     return OmegaConf.to_container(cfg, resolve=False)
 
@@ -212,18 +214,18 @@ def merge_into(dst: dict, src: Mapping) -> dict:
 _PLAIN_KEY = re.compile(r"^[^.\[\]\\'\"]+(?:\.[^.\[\]\\'\"]+|\[-?\d+\])*$")
 
 
-def put(cfg: dict, key: str, value: Any) -> bool:
+def _put(cfg: dict, key: str, value: Any) -> bool:
     """Set a plain dotted key (merge.density, adapters.1.weight, adapters[-1].weight), creating missing
     mappings on the way and merging a mapping into a mapping: OmegaConf.update(merge=True, force_add=True).
 
     False, having changed nothing, for what only OmegaConf's key grammar or its interpolation can place
-    (quoted or escaped keys, a path through a `${...}` value): the caller hands those to OmegaConf."""
+    (quoted or escaped keys, a path through a `${...}` value): set_key hands those to OmegaConf."""
     if not _PLAIN_KEY.match(key):
         return False
     parts = re.sub(r"\[(-?\d+)\]", r".\1", key).split(".")
     node: Any = cfg
     for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, ".".join(parts[:depth]), create=True)
+        node = _child(node, part, ".".join(parts[:depth]))
         if isinstance(node, str) and "${" in node:
             return False
     last, at = parts[-1], ".".join(parts[:-1])
@@ -237,11 +239,12 @@ def put(cfg: dict, key: str, value: Any) -> bool:
     return True
 
 
-def _child(node: Any, part: str, at: str, create: bool) -> Any:
+def _child(node: Any, part: str, at: str) -> Any:
+    """The node under `part`, a new mapping where there is none (force_add)."""
     if isinstance(node, list):
         return node[_index(node, part, at)]
     _container(node, part, at)
-    if create and node.get(part) is None:
+    if node.get(part) is None:
         node[part] = {}
     return node[part]
 

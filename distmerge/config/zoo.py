@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from distmerge.config.document import merge_into, plain_copy, put, read_document
+from distmerge.config.document import merge_into, plain_copy, read_document, set_key
 from distmerge.config.load import ConfigSource, build_section, suggest, validate
 from distmerge.config.schema import MergeConfig, RuntimeSpec
 from distmerge.errors import ConfigError
@@ -228,11 +228,11 @@ def _recipe_config(name: str, body: Mapping, defaults: Mapping, adapters: list, 
     cfg["adapters"] = plain_copy(adapters)
     for key, value in body["_grid"].items():
         try:
-            put(cfg, str(key), value)
+            cfg = set_key(cfg, str(key), value)
         except ValueError as e:  # an index past the adapters' end, a key into a scalar
             p.append(f"{where}: grid.{key} cannot be applied: {e}")
             return None
-    put(cfg, "output.path", output)
+    cfg = set_key(cfg, "output.path", output)
     return cfg
 
 
