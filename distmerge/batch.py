@@ -30,7 +30,7 @@ from distmerge.errors import DistmergeError, OutputError, output_error
 from distmerge.executors import make_executor, resolve_executor_name
 from distmerge.job import Job, file_sha256, fingerprint, fingerprint_id, input_files
 from distmerge.output.assemble import write_json
-from distmerge.output.manifest import read_manifest
+from distmerge.output.manifest import read_manifest, weights_bytes
 from distmerge.output.owner import BatchLock, written_by_us
 from distmerge.planner import ShardTask, build_plan
 from distmerge.progress import bar
@@ -277,11 +277,10 @@ class Batch:
 
     def _kept(self, recipe: Recipe) -> Outcome:
         """An up-to-date recipe's row, with the method, rank and size its output's manifest records."""
-        prev = self._previous.get(recipe.name) or {}
+        prev = self._previous.get(recipe.name) or {}  # read_manifest checked its outputs, not its other keys
         method = prev.get("method") if isinstance(prev.get("method"), dict) else {}
-        size = sum(o.get("bytes", 0) for o in prev.get("outputs", []) if str(o.get("file")).endswith(".safetensors"))
         return Outcome(recipe.name, UP_TO_DATE, method=str(method.get("used") or ""), rank=int(method.get("rank") or 0),
-                       bytes=size, path=recipe.config.output.path)
+                       bytes=weights_bytes(prev) if prev else 0, path=recipe.config.output.path)
 
     def _up_to_date(self, recipe: Recipe, t0: float) -> None:
         up = self._kept(recipe)
@@ -367,8 +366,7 @@ class Batch:
             return
         finally:
             job.__exit__(None, None, None)
-        out = sum(o["bytes"] for o in r.manifest["outputs"] if o["file"].endswith(".safetensors"))
-        done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, out, r.seconds, r.path)
+        done = Outcome(task.job, MERGED, job.reason, r.method, r.rank, weights_bytes(r.manifest), r.seconds, r.path)
         if job.cfg.output.push_to_hub and self._uploader is not None:
             # Uploaded on a thread while the pool merges on: the output is complete, so the recipes that merge
             # it may start now (they would even if the push failed); the recipe's line waits for the push.

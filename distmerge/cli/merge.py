@@ -28,13 +28,13 @@ def add_parser(subs) -> None:
 
 def run(args) -> int:
     from distmerge.driver import merge
+    from distmerge.output.manifest import weights_bytes
 
     result = merge(args.config, args.overrides)
-    out = result.manifest["outputs"]
-    size = sum(o["bytes"] for o in out if o["file"].endswith(".safetensors"))
+    size = weights_bytes(result.manifest)
     print(f"merged {len(result.manifest['inputs'])} adapters with {result.method} (rank {result.rank}) into "
           f"{result.path}: {format_size(size)} in {result.seconds:.2f}s")
-    for o in out:
+    for o in result.manifest["outputs"]:
         print(f"  {o['file']:<48} {format_size(o['bytes']):>11}  sha256 {o['sha256'][:16]}")
     if result.hub:
         from distmerge.publish.hub import describe

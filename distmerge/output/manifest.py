@@ -41,6 +41,11 @@ def read_manifest(directory) -> dict | None:
         return None
 
 
+def weights_bytes(manifest: dict) -> int:
+    """The bytes of an output's weight files (its .safetensors), as its manifest lists them."""
+    return sum(o["bytes"] for o in manifest["outputs"] if o["file"].endswith(".safetensors"))
+
+
 def build_manifest(cfg: MergeConfig, plan: Plan, tasks: Sequence[ShardTask], results: Sequence[ShardResult],
                    inputs: list[dict], outputs: list[dict], executor: str, seconds: dict[str, float],
                    recipe: dict, fingerprint: str) -> dict:
